@@ -1,0 +1,89 @@
+"""Per-request block tables on top of the block pool, with prefix-cache lookups."""
+from __future__ import annotations
+
+from engine.kv_cache.block_pool import BlockPool
+from engine.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.block_tables: dict[str, list[int]] = {}
+        self._num_cached_blocks: dict[str, int] = {}  # full blocks already registered per request
+        self.prefix_queries = 0  # tokens looked up
+        self.prefix_hits = 0     # tokens found
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """Longest run of cached full blocks at the start of the request (at least one
+        token is always left to compute, so the last position's logits exist)."""
+        if not self.pool.enable_caching:
+            return [], 0
+        hashes = request.block_hashes(self.block_size)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        tokens = request.all_token_ids
+        hit: list[int] = []
+        for i, h in enumerate(hashes[:max_blocks]):
+            bid = self.pool.lookup(h, tokens[i * self.block_size:(i + 1) * self.block_size])
+            if bid is None:
+                break
+            hit.append(bid)
+        return hit, len(hit) * self.block_size
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit_tokens
+
+    def num_blocks_needed(self, request: Request, num_new_tokens: int, num_new_computed: int = 0) -> int:
+        have = len(self.block_tables.get(request.request_id, ()))
+        total = request.num_computed_tokens + num_new_computed + num_new_tokens
+        return max(0, -(-total // self.block_size) - have)
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_blocks: list[int] | None = None) -> list[int] | None:
+        """Reserves blocks for num_new_tokens more tokens (after any cache hits); returns the
+        newly allocated block ids, or None (nothing changed) when blocks are short."""
+        computed_blocks = computed_blocks or []
+        need = self.num_blocks_needed(request, num_new_tokens, len(computed_blocks) * self.block_size)
+        reviving = sum(1 for b in computed_blocks if self.pool.blocks[b].ref_count == 0)
+        if need + reviving > self.pool.num_free_blocks:
+            return None
+        table = self.block_tables.setdefault(request.request_id, [])
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+            table.extend(computed_blocks)
+            self._num_cached_blocks[request.request_id] = len(table)
+        new_blocks = self.pool.allocate(need) if need else []
+        table.extend(new_blocks)
+        return new_blocks
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Registers the request's newly completed full blocks in the prefix cache."""
+        if not self.pool.enable_caching:
+            return
+        rid = request.request_id
+        table = self.block_tables.get(rid)
+        if not table:
+            return
+        num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        done = self._num_cached_blocks.get(rid, 0)
+        if num_full <= done:
+            return
+        hashes = request.block_hashes(self.block_size)
+        tokens = request.all_token_ids
+        bs = self.block_size
+        for i in range(done, min(num_full, len(hashes))):
+            self.pool.cache_block(table[i], hashes[i], tokens[i * bs:(i + 1) * bs])
+        self._num_cached_blocks[rid] = num_full
+
+    def free(self, request: Request) -> None:
+        table = self.block_tables.pop(request.request_id, None)
+        self._num_cached_blocks.pop(request.request_id, None)
+        if table:
+            self.pool.free(reversed(table))
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self.block_tables.get(request_id, [])
+
+    def num_held_blocks(self) -> int:
+        return sum(len(t) for t in self.block_tables.values())

@@ -1,0 +1,85 @@
+"""Paged attention over a flat batch of mixed decode and prefill tokens (pure torch).
+
+Token order in a batch: all decode tokens first (one per decoding sequence), then the
+prefill chunks one after another. Every step, the new keys/values of all tokens are
+written into their cache slots first, then decodes attend in one batched call over
+their gathered context, and each prefill chunk attends causally over its cached
+context plus itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    start: int          # offset of the chunk's first token in the flat batch
+    num_tokens: int
+    context_len: int    # tokens already in the cache before this chunk
+    slot_ids: torch.Tensor | None = None  # [context_len + num_tokens] when context_len > 0
+    mask: torch.Tensor | None = None      # [num_tokens, context_len + num_tokens] bool
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor                   # [T] cache slot of each new token
+    num_decode_tokens: int = 0
+    decode_slot_ids: torch.Tensor | None = None  # [Bd, Lmax] context slots of each decode
+    decode_mask: torch.Tensor | None = None      # [Bd, 1, 1, Lmax] bool, None if no padding
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k_cache/v_cache: [num_slots, kv_heads, head_dim]; k/v: [T, kv_heads, head_dim]."""
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, heads, head_dim]; k/v: [T, kv_heads, head_dim]. Returns [T, heads, head_dim]."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
+    for chunk in meta.prefills:
+        s, n = chunk.start, chunk.num_tokens
+        out[s:s + n] = _prefill_attention(q[s:s + n], k[s:s + n], v[s:s + n], k_cache, v_cache, chunk, scale)
+    return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    slots = meta.decode_slot_ids
+    keys = k_cache[slots].transpose(1, 2).to(q.dtype)     # [Bd, kvh, L, d]
+    values = v_cache[slots].transpose(1, 2).to(q.dtype)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
+                                         scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, chunk: PrefillChunk, scale: float) -> torch.Tensor:
+    qt = q.transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
+    if chunk.context_len == 0:
+        keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(qt, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        keys = k_cache[chunk.slot_ids].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        values = v_cache[chunk.slot_ids].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=chunk.mask, scale=scale,
+                                             enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def causal_mask_with_context(num_tokens: int, context_len: int) -> torch.Tensor:
+    """[num_tokens, context_len + num_tokens] bool: token i sees positions <= context_len + i."""
+    cols = torch.arange(context_len + num_tokens)
+    rows = torch.arange(num_tokens).unsqueeze(1) + context_len
+    return cols.unsqueeze(0) <= rows

@@ -1,0 +1,112 @@
+"""Linear layers shaped for tensor parallelism (tp_size=1 today) with a pluggable method.
+
+Column-parallel layers split the output dimension across ranks, row-parallel ones the
+input dimension; merged layers (QKV, gate/up) load each checkpoint shard into its slice
+through `weight_loader`. How the matmul is done (dense, weight-only int8, ...) is a
+`LinearMethod`, so quantization never adds branches to the model code.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LinearMethod:
+    """How a linear layer stores its weight and computes y = x W^T + b."""
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+    def finalize(self, layer: "LinearBase") -> None:
+        """Called once after all weights are loaded (repacking, quantizing)."""
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.method: LinearMethod = LinearMethod()
+        shape = self._local_shape()
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(shape[0], dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    def _local_shape(self) -> tuple[int, int]:
+        return (self.output_size, self.input_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        _copy_checked(param.data, loaded, self._shard_name(param))
+
+    def _shard_name(self, param: nn.Parameter) -> str:
+        return f"{type(self).__name__}.{'weight' if param is self.weight else 'bias'}"
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output dimension split across tensor-parallel ranks."""
+
+    def _local_shape(self) -> tuple[int, int]:
+        return (self.output_size // self.tp_size, self.input_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        size = param.shape[0]
+        _copy_checked(param.data, loaded.narrow(0, self.tp_rank * size, size), self._shard_name(param))
+
+
+class RowParallelLinear(LinearBase):
+    """Input dimension split across ranks; outputs are summed (all-reduce when tp_size > 1)."""
+
+    def _local_shape(self) -> tuple[int, int]:
+        return (self.output_size, self.input_size // self.tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if param is self.weight and self.tp_size > 1:
+            size = param.shape[1]
+            loaded = loaded.narrow(1, self.tp_rank * size, size)
+        _copy_checked(param.data, loaded, self._shard_name(param))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections stored as one matrix (e.g. gate_proj + up_proj)."""
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", tp_rank: int = 0, tp_size: int = 1):
+        self.output_sizes = list(output_sizes)
+        super().__init__(input_size, sum(output_sizes), bias, dtype, device, tp_rank, tp_size)
+
+    def _shard_offset(self, shard_id: int) -> tuple[int, int]:
+        sizes = [s // self.tp_size for s in self.output_sizes]
+        return sum(sizes[:shard_id]), sizes[shard_id]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        offset, size = self._shard_offset(int(shard_id))  # type: ignore[arg-type]
+        loaded = loaded.narrow(0, self.tp_rank * size, size)
+        _copy_checked(param.data.narrow(0, offset, size), loaded, f"{self._shard_name(param)}[{shard_id}]")
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """q_proj, k_proj and v_proj as one matrix; shard ids are "q", "k", "v"."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", tp_rank: int = 0, tp_size: int = 1):
+        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        super().__init__(hidden_size, sizes, bias, dtype, device, tp_rank, tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        super().weight_loader(param, loaded, {"q": 0, "k": 1, "v": 2}[str(shard_id)])
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"checkpoint tensor for {name} has shape {tuple(src.shape)}, "
+                         f"the model expects {tuple(dst.shape)}; is the config right for these weights?")
+    dst.copy_(src)

@@ -1,0 +1,182 @@
+"""Vectorized torch dequantization of GGML block formats (layouts as in llama.cpp's ggml-common.h).
+
+Each kernel takes the raw bytes of a tensor viewed as `[n_blocks, type_size]` uint8 and returns
+`[n_blocks, block_size]` float32. All work is done with whole-tensor torch ops, no Python loops
+over blocks, so the cost is a few memory passes per tensor.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+QK_K = 256
+
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The fp16 field at byte `start` of each block, as float32 of shape [n, 1]."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _shifts(*values: int, shape: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8).reshape(shape)
+
+
+def _nibbles(qs: torch.Tensor, groups: int, width: int) -> torch.Tensor:
+    """Low nibbles of each `width`-byte group, then its high nibbles: [n, groups * 2, width]."""
+    n = qs.shape[0]
+    q = qs.reshape(n, groups, 1, width) >> _shifts(0, 4, shape=(1, 1, 2, 1))
+    return (q & 0x0F).reshape(n, groups * 2, width)
+
+
+def _bits(packed: torch.Tensor, groups: int, width: int, bits: int) -> torch.Tensor:
+    """Unpack `bits`-bit fields: for each `width`-byte group, field k of every byte in turn."""
+    n = packed.shape[0]
+    per_byte = 8 // bits
+    shifts = _shifts(*range(0, 8, bits), shape=(1, 1, per_byte, 1))
+    q = packed.reshape(n, groups, 1, width) >> shifts
+    return (q & ((1 << bits) - 1)).reshape(n, groups * per_byte, width)
+
+
+def _high_bits32(qh: torch.Tensor) -> torch.Tensor:
+    """Bit j of a little-endian uint32 per block, j = 0..31: [n, 32]."""
+    n = qh.shape[0]
+    return ((qh.reshape(n, 4, 1) >> _shifts(*range(8), shape=(1, 1, 8))) & 1).reshape(n, 32)
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(b[:, 2:], 1, 16).reshape(-1, 32).to(torch.int8) - 8
+    return _f16(b, 0) * q.float()
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(b[:, 4:], 1, 16).reshape(-1, 32).float()
+    return _f16(b, 0) * q + _f16(b, 2)
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    ql = _nibbles(b[:, 6:], 1, 16).reshape(-1, 32)
+    q = (ql | (_high_bits32(b[:, 2:6]) << 4)).to(torch.int8) - 16
+    return _f16(b, 0) * q.float()
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    ql = _nibbles(b[:, 8:], 1, 16).reshape(-1, 32)
+    q = (ql | (_high_bits32(b[:, 4:8]) << 4)).float()
+    return _f16(b, 0) * q + _f16(b, 2)
+
+
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales = b[:, :16]
+    dl = (_f16(b, 80) * (scales & 0x0F).float()).reshape(n, 16, 1)
+    ml = (_f16(b, 82) * (scales >> 4).float()).reshape(n, 16, 1)
+    q = _bits(b[:, 16:80], 2, 32, 2).reshape(n, 16, 16).float()
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales = b[:, 96:108]
+    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts(0, 4, shape=(1, 2, 1))).reshape(n, 16) & 0x0F
+    high = (scales[:, 8:].reshape(n, 1, 4) >> _shifts(0, 2, 4, 6, shape=(1, 4, 1))).reshape(n, 16) & 0x03
+    sc = ((low | (high << 4)).to(torch.int8) - 32).float()
+    dl = (_f16(b, 108) * sc).reshape(n, 16, 1)
+    ql = _bits(b[:, 32:96], 2, 32, 2).reshape(n, 16, 16).to(torch.int8)
+    hm = _bits(b[:, :32], 1, 32, 1).reshape(n, 16, 16).to(torch.int8)
+    q = ql - ((hm ^ 1) << 2)  # a clear hmask bit means "subtract 4"
+    return (dl * q.float()).reshape(n, QK_K)
+
+
+def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eight 6-bit scales and mins packed into 12 bytes (Q4_K, Q5_K)."""
+    n = scales.shape[0]
+    s = scales.reshape(n, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    d = (_f16(b, 0) * sc).reshape(n, 8, 1)
+    dm = (_f16(b, 2) * mn).reshape(n, 8, 1)
+    q = _nibbles(b[:, 16:], 4, 32).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    d = (_f16(b, 0) * sc).reshape(n, 8, 1)
+    dm = (_f16(b, 2) * mn).reshape(n, 8, 1)
+    ql = _nibbles(b[:, 48:], 4, 32)
+    qh = _bits(b[:, 16:48], 1, 32, 1)
+    q = (ql | (qh << 4)).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = (_f16(b, 208) * scales).reshape(n, 16, 1)
+    ql = _nibbles(b[:, :128], 2, 64).reshape(n, 8, 32)
+    qh = _bits(b[:, 128:192], 2, 32, 2)
+    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    return (d * q).reshape(n, QK_K)
+
+
+_BLOCK_KERNELS: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {
+    Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1,
+    Q.Q2_K: _q2_k, Q.Q3_K: _q3_k, Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k,
+}
+_FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+SUPPORTED_TYPES: tuple[Q, ...] = (*_FLOAT_TYPES, *_BLOCK_KERNELS)
+
+
+def _as_bytes(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(raw, torch.Tensor):
+        return raw.contiguous().reshape(-1).view(torch.uint8)
+    flat = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    with warnings.catch_warnings():  # GGUFReader memmaps read-only; we never write to this view
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(flat)
+
+
+def dequantize(raw: np.ndarray | torch.Tensor, qtype: Q | int, shape: Sequence[int]) -> torch.Tensor:
+    """Dequantize one GGUF tensor's data to a float32 tensor of `shape`.
+
+    `raw` is `ReaderTensor.data` (any dtype; its bytes are used), `shape` the logical torch shape
+    (GGUF's dims reversed, innermost last). The result owns its memory.
+    """
+    try:
+        qtype = Q(qtype)
+    except ValueError:
+        qtype = None  # type: ignore[assignment]
+    if qtype not in SUPPORTED_TYPES:
+        names = ", ".join(t.name for t in SUPPORTED_TYPES)
+        label = getattr(qtype, "name", qtype)
+        raise ValueError(f"GGUF tensor type {label} is not supported; supported types: {names}; "
+                         "re-quantize the model to one of them")
+    data = _as_bytes(raw)
+    numel = math.prod(shape)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if numel % block_size or data.numel() != numel // block_size * type_size:
+        raise ValueError(f"{qtype.name} data of {data.numel()} bytes does not match shape {tuple(shape)}; "
+                         "the GGUF file is truncated or corrupt")
+    if qtype in _FLOAT_TYPES:
+        values = data.view(_FLOAT_TYPES[qtype])
+        out = values.float() if qtype != Q.F32 else values.clone()
+    else:
+        out = _BLOCK_KERNELS[qtype](data.reshape(-1, type_size))
+    return out.reshape(tuple(shape))
