@@ -14,7 +14,8 @@ class IncrementalDetokenizer:
     the previous emission (so a call costs O(new tokens)) and emits the text it adds, holding
     text back while it ends in an incomplete UTF-8 character. `tokenizers`' DecodeStream uses
     the same technique but raises on invalid byte-fallback sequences and cannot flush.
-    Text that could still become a stop string is held back until it cannot.
+    Text that could still become a stop string is held back until it cannot. The first stop
+    string to complete ends the text; among several completed by one call, the earliest.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], params: SamplingParams):
@@ -69,13 +70,20 @@ class IncrementalDetokenizer:
 
     def _decode_new(self, final: bool) -> str:
         """Text added by ids[read_offset:], or "" while it ends in an incomplete character."""
-        if self._read_offset == len(self._ids):
+        end = len(self._ids)
+        if self._read_offset == end:
             return ""
-        text = self._decode(self._ids[self._prefix_offset:])
-        if not final and (len(text) <= len(self._prefix_text) or text.endswith(_REPLACEMENT_CHAR)):
-            return ""
+        text = self._decode(self._ids[self._prefix_offset:end])
+        if not final:
+            # Several new ids: emit up to the last one that ends a character (at most 3 back).
+            lowest_end = max(self._read_offset + 1, end - 3)
+            while text.endswith(_REPLACEMENT_CHAR) and end > lowest_end:
+                end -= 1
+                text = self._decode(self._ids[self._prefix_offset:end])
+            if len(text) <= len(self._prefix_text) or text.endswith(_REPLACEMENT_CHAR):
+                return ""
         new_text = text[len(self._prefix_text):]
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self._prefix_offset, self._read_offset = self._read_offset, end
         self._prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         return new_text
 

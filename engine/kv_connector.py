@@ -44,7 +44,7 @@ class KVConnector:
     # ---- scheduler side -------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> int:
         """Prompt tokens beyond num_computed_tokens that will be loaded from a remote node
-        asynchronously (0 = compute locally). Called once, when the request is first scheduled."""
+        asynchronously (0 = compute locally). Asked each step until the request is admitted."""
         return 0
 
     def update_state_after_alloc(self, request: "Request", block_ids: list[int],

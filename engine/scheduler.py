@@ -26,15 +26,14 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     start: int  # num_computed_tokens when scheduled
+    samples: bool = field(init=False)  # the chunk reaches the last known token: a new one follows
+
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
 
     @property
     def is_decode(self) -> bool:
         return self.num_new_tokens == 1
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens (a new token follows)."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -111,18 +110,17 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+        while (self.waiting and budget > 0
+               and len(self.running) + len(self.remote) < self.cfg.max_num_seqs):
             req = self.waiting[0]
             blocks, num_hit = self.kv.get_computed_blocks(req)
             first_time = req.num_cached_tokens < 0
-            if first_time:
-                req.num_cached_tokens = num_hit
-                self.kv.record_lookup(req.num_tokens, num_hit)
             num_external = (self.connector.get_num_new_matched_tokens(req, num_hit)
                             if first_time and "no_remote" not in req.extra else 0)
             if num_external > 0:
                 if self.kv.allocate_slots(req, num_external, blocks) is None:
                     return
+                self._record_admission(req, num_hit)
                 self.waiting.popleft()
                 req.num_computed_tokens = num_hit
                 req.status = RequestStatus.WAITING_FOR_REMOTE_KV
@@ -133,12 +131,18 @@ class Scheduler:
             n = min(remaining, budget) if self.cfg.enable_chunked_prefill else remaining
             if n > budget or self.kv.allocate_slots(req, n, blocks) is None:
                 return
+            self._record_admission(req, num_hit)
             self.waiting.popleft()
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n, num_hit))
             budget -= n
+
+    def _record_admission(self, req: Request, num_hit: int) -> None:
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_hit
+            self.kv.record_lookup(req.num_tokens, num_hit)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

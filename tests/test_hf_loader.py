@@ -136,7 +136,8 @@ def test_eos_ids_merge_config_generation_config_and_tokenizer(tiny_dirs):
     token_id = source.tokenizer.backend.token_to_id
     end_of_text, eot = token_id("<|end_of_text|>"), token_id("<|eot_id|>")
     assert source.config.eos_token_ids == (end_of_text, eot)
-    assert source.tokenizer.eos_token_ids == (eot, end_of_text)  # the tokenizer's own eos first
+    assert source.tokenizer.eos_token_id == eot
+    assert set(source.tokenizer.eos_token_ids) == {end_of_text, eot}
     assert source.generation_config["eos_token_id"] == [end_of_text, eot]
 
 
@@ -202,3 +203,16 @@ def test_v5_rope_parameters_layout():
     config = model_config_from_hf({**BASE_HF_CONFIG, "rope_parameters": llama3})
     assert config.rope_theta == 500000.0
     assert config.rope_scaling == {k: v for k, v in llama3.items() if k != "rope_theta"}
+
+
+def test_incomplete_config_names_the_missing_key():
+    incomplete = {k: v for k, v in BASE_HF_CONFIG.items() if k != "vocab_size"}
+    with pytest.raises(ValueError, match="config.json lacks 'vocab_size'"):
+        model_config_from_hf(incomplete)
+
+
+def test_sliding_window_shorter_than_context_is_warned(caplog):
+    mistral = {**BASE_HF_CONFIG, "architectures": ["MistralForCausalLM"], "sliding_window": 4096,
+               "max_position_embeddings": 32768}
+    model_config_from_hf(mistral)
+    assert "4096-token sliding window" in caplog.text

@@ -20,7 +20,8 @@ def make_batch(params: list[SamplingParams], prompts: list[list[int]] | None = N
                          output_token_ids=outputs or [[] for _ in params], eos_token_ids=(EOS,))
 
 
-def repeated(logits: list[float], params: SamplingParams, rows: int) -> tuple[torch.Tensor, SamplingBatch]:
+def repeated(logits: list[float], params: SamplingParams,
+             rows: int) -> tuple[torch.Tensor, SamplingBatch]:
     return torch.tensor([logits] * rows), make_batch([params] * rows)
 
 
@@ -83,21 +84,24 @@ def test_min_p_samples_renormalize_over_the_kept_tokens():
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
-    batch = make_batch([SamplingParams(repetition_penalty=2.0)], prompts=[[0, 1]], outputs=[[1, 3, 3]])
+    params = SamplingParams(repetition_penalty=2.0)
+    batch = make_batch([params], prompts=[[0, 1]], outputs=[[1, 3, 3]])
     expected = torch.tensor([[1.0, -2.0, 0.5, 1.5, -2.0, 1.0]])
     assert torch.equal(apply_penalties(logits, batch), expected)
 
 
 def test_frequency_penalty_subtracts_count_times_penalty_for_output_tokens_only():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
-    batch = make_batch([SamplingParams(frequency_penalty=0.5)], prompts=[[0, 2]], outputs=[[1, 3, 3]])
+    params = SamplingParams(frequency_penalty=0.5)
+    batch = make_batch([params], prompts=[[0, 2]], outputs=[[1, 3, 3]])
     expected = torch.tensor([[2.0, -1.5, 0.5, 2.0, -2.0, 1.0]])
     assert torch.equal(apply_penalties(logits, batch), expected)
 
 
 def test_presence_penalty_subtracts_once_per_output_token_present():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
-    batch = make_batch([SamplingParams(presence_penalty=0.75)], prompts=[[0, 2]], outputs=[[1, 3, 3]])
+    params = SamplingParams(presence_penalty=0.75)
+    batch = make_batch([params], prompts=[[0, 2]], outputs=[[1, 3, 3]])
     expected = torch.tensor([[2.0, -1.75, 0.5, 2.25, -2.0, 1.0]])
     assert torch.equal(apply_penalties(logits, batch), expected)
 
@@ -152,7 +156,8 @@ def test_seeded_row_is_independent_of_the_rest_of_the_batch():
     others = [SamplingParams(temperature=1.3), SamplingParams(temperature=0.0),
               SamplingParams(temperature=1.0, seed=7, top_k=5), SamplingParams(min_p=0.1)]
     gen = torch.Generator().manual_seed(6)
-    steps = [(torch.randn(1, 64, generator=gen), torch.randn(4, 64, generator=gen)) for _ in range(10)]
+    steps = [(torch.randn(1, 64, generator=gen), torch.randn(4, 64, generator=gen))
+             for _ in range(10)]
     alone, in_batch = make_batch([seeded]), make_batch(others[:2] + [seeded] + others[2:])
     alone_ids, batch_ids = [], []
     for row, rest in steps:

@@ -35,7 +35,7 @@ class KVCacheManager:
         self.prefix_hits += num_hit_tokens
 
     def num_blocks_needed(self, request: Request, num_new_tokens: int, num_new_computed: int = 0) -> int:
-        have = len(self.block_tables.get(request.request_id, ()))
+        have = len(self.block_tables.get(request.request_id, ())) + num_new_computed // self.block_size
         total = request.num_computed_tokens + num_new_computed + num_new_tokens
         return max(0, -(-total // self.block_size) - have)
 

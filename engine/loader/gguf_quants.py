@@ -22,56 +22,62 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
 
 
-def _shifts(*values: int, shape: Sequence[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.uint8).reshape(shape)
-
-
 def _nibbles(qs: torch.Tensor, groups: int, width: int) -> torch.Tensor:
-    """Low nibbles of each `width`-byte group, then its high nibbles: [n, groups * 2, width]."""
+    """Low nibbles of each `width`-byte group, then its high nibbles: uint8 [n, groups * 2, width]."""
     n = qs.shape[0]
-    q = qs.reshape(n, groups, 1, width) >> _shifts(0, 4, shape=(1, 1, 2, 1))
-    return (q & 0x0F).reshape(n, groups * 2, width)
+    src = qs.reshape(n, groups, 1, width)
+    out = torch.empty(n, groups, 2, width, dtype=torch.uint8)
+    torch.bitwise_and(src, 0x0F, out=out[:, :, :1])
+    torch.bitwise_right_shift(src, 4, out=out[:, :, 1:])
+    return out.reshape(n, groups * 2, width)
 
 
 def _bits(packed: torch.Tensor, groups: int, width: int, bits: int) -> torch.Tensor:
-    """Unpack `bits`-bit fields: for each `width`-byte group, field k of every byte in turn."""
+    """`bits`-bit fields: per `width`-byte group, field k of every byte in turn: [n, groups * 8 // bits, width]."""
     n = packed.shape[0]
     per_byte = 8 // bits
-    shifts = _shifts(*range(0, 8, bits), shape=(1, 1, per_byte, 1))
-    q = packed.reshape(n, groups, 1, width) >> shifts
-    return (q & ((1 << bits) - 1)).reshape(n, groups * per_byte, width)
+    src = packed.reshape(n, groups, width)
+    out = torch.empty(n, groups, per_byte, width, dtype=torch.uint8)
+    for k in range(per_byte):
+        torch.bitwise_right_shift(src, k * bits, out=out[:, :, k])
+    out.bitwise_and_((1 << bits) - 1)
+    return out.reshape(n, groups * per_byte, width)
 
 
-def _high_bits32(qh: torch.Tensor) -> torch.Tensor:
-    """Bit j of a little-endian uint32 per block, j = 0..31: [n, 32]."""
+def _bits_of_u32(qh: torch.Tensor) -> torch.Tensor:
+    """Bit j of each little-endian uint32, j = 0..31: uint8 [n, 32]."""
     n = qh.shape[0]
-    return ((qh.reshape(n, 4, 1) >> _shifts(*range(8), shape=(1, 1, 8))) & 1).reshape(n, 32)
+    out = torch.empty(n, 4, 8, dtype=torch.uint8)
+    for k in range(8):
+        torch.bitwise_right_shift(qh, k, out=out[:, :, k])
+    return out.bitwise_and_(1).reshape(n, 32)
+
+
+def _with_high_bit(low: torch.Tensor, high: torch.Tensor, shift: int) -> torch.Tensor:
+    """low | high << shift, reusing `low`'s memory."""
+    return low.bitwise_or_(high.bitwise_left_shift(shift))
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+    return b[:, 2:].view(torch.int8).float().mul_(_f16(b, 0))
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 2:], 1, 16).reshape(-1, 32).to(torch.int8) - 8
-    return _f16(b, 0) * q.float()
+    return _nibbles(b[:, 2:], 1, 16).reshape(-1, 32).float().sub_(8).mul_(_f16(b, 0))
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 4:], 1, 16).reshape(-1, 32).float()
-    return _f16(b, 0) * q + _f16(b, 2)
+    return _nibbles(b[:, 4:], 1, 16).reshape(-1, 32).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    ql = _nibbles(b[:, 6:], 1, 16).reshape(-1, 32)
-    q = (ql | (_high_bits32(b[:, 2:6]) << 4)).to(torch.int8) - 16
-    return _f16(b, 0) * q.float()
+    q = _with_high_bit(_nibbles(b[:, 6:], 1, 16).reshape(-1, 32), _bits_of_u32(b[:, 2:6]), 4)
+    return q.float().sub_(16).mul_(_f16(b, 0))
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    ql = _nibbles(b[:, 8:], 1, 16).reshape(-1, 32)
-    q = (ql | (_high_bits32(b[:, 4:8]) << 4)).float()
-    return _f16(b, 0) * q + _f16(b, 2)
+    q = _with_high_bit(_nibbles(b[:, 8:], 1, 16).reshape(-1, 32), _bits_of_u32(b[:, 4:8]), 4)
+    return q.float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
@@ -80,20 +86,19 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
     dl = (_f16(b, 80) * (scales & 0x0F).float()).reshape(n, 16, 1)
     ml = (_f16(b, 82) * (scales >> 4).float()).reshape(n, 16, 1)
     q = _bits(b[:, 16:80], 2, 32, 2).reshape(n, 16, 16).float()
-    return (dl * q - ml).reshape(n, QK_K)
+    return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
 def _q3_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     scales = b[:, 96:108]
-    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts(0, 4, shape=(1, 2, 1))).reshape(n, 16) & 0x0F
-    high = (scales[:, 8:].reshape(n, 1, 4) >> _shifts(0, 2, 4, 6, shape=(1, 4, 1))).reshape(n, 16) & 0x03
-    sc = ((low | (high << 4)).to(torch.int8) - 32).float()
+    low = _nibbles(scales[:, :8], 1, 8).reshape(n, 16)
+    high = _bits(scales[:, 8:], 1, 4, 2).reshape(n, 16)
+    sc = _with_high_bit(low, high, 4).float().sub_(32)
     dl = (_f16(b, 108) * sc).reshape(n, 16, 1)
-    ql = _bits(b[:, 32:96], 2, 32, 2).reshape(n, 16, 16).to(torch.int8)
-    hm = _bits(b[:, :32], 1, 32, 1).reshape(n, 16, 16).to(torch.int8)
-    q = ql - ((hm ^ 1) << 2)  # a clear hmask bit means "subtract 4"
-    return (dl * q.float()).reshape(n, QK_K)
+    # q = low2 - 4 + 4 * hmask_bit: a clear hmask bit means "subtract 4"
+    q = _with_high_bit(_bits(b[:, 32:96], 2, 32, 2), _bits(b[:, :32], 1, 32, 1), 2)
+    return q.reshape(n, 16, 16).float().sub_(4).mul_(dl).reshape(n, QK_K)
 
 
 def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +116,7 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
     sc, mn = _scale_min_k4(b[:, 4:16])
     d = (_f16(b, 0) * sc).reshape(n, 8, 1)
     dm = (_f16(b, 2) * mn).reshape(n, 8, 1)
-    q = _nibbles(b[:, 16:], 4, 32).float()
-    return (d * q - dm).reshape(n, QK_K)
+    return _nibbles(b[:, 16:], 4, 32).float().mul_(d).sub_(dm).reshape(n, QK_K)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
@@ -120,20 +124,16 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     sc, mn = _scale_min_k4(b[:, 4:16])
     d = (_f16(b, 0) * sc).reshape(n, 8, 1)
     dm = (_f16(b, 2) * mn).reshape(n, 8, 1)
-    ql = _nibbles(b[:, 48:], 4, 32)
-    qh = _bits(b[:, 16:48], 1, 32, 1)
-    q = (ql | (qh << 4)).float()
-    return (d * q - dm).reshape(n, QK_K)
+    q = _with_high_bit(_nibbles(b[:, 48:], 4, 32), _bits(b[:, 16:48], 1, 32, 1), 4)
+    return q.float().mul_(d).sub_(dm).reshape(n, QK_K)
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    scales = b[:, 192:208].contiguous().view(torch.int8).float()
+    scales = b[:, 192:208].view(torch.int8).float()
     d = (_f16(b, 208) * scales).reshape(n, 16, 1)
-    ql = _nibbles(b[:, :128], 2, 64).reshape(n, 8, 32)
-    qh = _bits(b[:, 128:192], 2, 32, 2)
-    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
-    return (d * q).reshape(n, QK_K)
+    q = _with_high_bit(_nibbles(b[:, :128], 2, 64).reshape(n, 8, 32), _bits(b[:, 128:192], 2, 32, 2), 4)
+    return q.reshape(n, 16, 16).float().sub_(32).mul_(d).reshape(n, QK_K)
 
 
 _BLOCK_KERNELS: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -61,30 +61,34 @@ def model_config_from_hf(hf: dict[str, Any], generation_config: dict[str, Any] |
     if hf.get("mlp_bias"):
         raise ValueError("mlp_bias=true is not supported; only bias-free MLPs can be loaded")
     _warn_sliding_window(architecture, hf)
-    num_heads = hf["num_attention_heads"]
-    rope_theta, rope_scaling = _rope(hf)
     generation_config = generation_config or {}
-    bos_token_id = hf.get("bos_token_id", generation_config.get("bos_token_id"))
-    return ModelConfig(
-        architecture=architecture,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        # Qwen2 always has q/k/v biases (and none on o_proj); the others follow attention_bias.
-        attention_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-        qk_norm=architecture == "Qwen3ForCausalLM",
-        bos_token_id=bos_token_id if isinstance(bos_token_id, int) else None,
-        eos_token_ids=_merge_ids(hf.get("eos_token_id"), generation_config.get("eos_token_id")),
-    )
+    bos_token_id = next((v for v in (hf.get("bos_token_id"), generation_config.get("bos_token_id"))
+                         if isinstance(v, int)), None)
+    try:
+        num_heads = hf["num_attention_heads"]
+        rope_theta, rope_scaling = _rope(hf)
+        return ModelConfig(
+            architecture=architecture,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases (and none on o_proj); the others follow attention_bias.
+            attention_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            qk_norm=architecture == "Qwen3ForCausalLM",
+            bos_token_id=bos_token_id,
+            eos_token_ids=_merge_ids(hf.get("eos_token_id"), generation_config.get("eos_token_id")),
+        )
+    except KeyError as e:
+        raise ValueError(f"config.json lacks {e.args[0]!r}; the checkpoint is incomplete, download it again") from None
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
