@@ -131,12 +131,20 @@ class LLMEngine:
 
     @torch.inference_mode()
     def embed(self, token_ids: list[int]) -> torch.Tensor:
-        """Final hidden states [n, hidden] (float32) of a prompt; uses scratch KV blocks."""
+        """Final hidden states [n, hidden] (model dtype) of a prompt; uses scratch KV blocks.
+        Call from the thread that steps the engine (AsyncEngine.call does)."""
         if not token_ids or len(token_ids) > self.max_model_len:
             raise ValueError(f"input must have 1 to {self.max_model_len} tokens, got {len(token_ids)}")
         n_blocks = -(-len(token_ids) // self.kv.block_size)
+        if n_blocks > self.block_pool.num_free_blocks:
+            raise MemoryError("not enough free KV blocks for this input right now; retry later")
         blocks = self.block_pool.allocate(n_blocks)
         try:
             return self.runner.hidden_states(token_ids, blocks)
         finally:
             self.block_pool.free(blocks)
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [n, vocab] (float32) of every position of a prompt (prompt scoring)."""
+        return self.model.compute_logits(self.embed(token_ids))

@@ -41,6 +41,7 @@ class ModelRunner:
         self.block_tables = block_tables
         self.device = device
         self.kv_caches = pool.layers()
+        self.dtype = next(model.parameters()).dtype
         self.connector = connector or KVConnector()
         self.sampler = Sampler()
         self.eos_token_ids: tuple[int, ...] = ()
@@ -77,7 +78,7 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=req_slots, prefills=[PrefillChunk(0, len(token_ids), 0)])
         ids = torch.tensor(token_ids, device=self.device)
         positions = torch.arange(len(token_ids), device=self.device)
-        return self.model(ids, positions, self.kv_caches, meta).float()
+        return self.model(ids, positions, self.kv_caches, meta)
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end)

@@ -109,9 +109,9 @@ def test_unpermuted_q_and_k_equal_transformers_layer0(source, hf_state_dict):
         torch.testing.assert_close(weights[name], hf_state_dict[name], rtol=0, atol=1e-6)
 
 
-def test_every_weight_equals_transformers_gguf_load(source, hf_state_dict):
-    for name, tensor in source.open_weights():
-        torch.testing.assert_close(tensor, hf_state_dict[name], rtol=0, atol=1e-6, msg=name)
+def test_every_weight_equals_transformers_gguf_load_bit_for_bit(source, hf_state_dict):
+    mismatched = [name for name, tensor in source.open_weights() if not torch.equal(tensor, hf_state_dict[name])]
+    assert mismatched == []
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -154,7 +154,7 @@ def _byte_level_vocab(writer):
 
 
 def write_tiny_gguf(path, arch, tensors, *, hidden=8, heads=2, kv_heads=1, ffn=16, layers=2, key_length=None,
-                    vocab_tensors=True):
+                    extra=None):
     """A GGUF with a tiny byte-level vocabulary; `tensors(vocab_size)` gives numpy arrays in torch shape."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(layers)
@@ -168,6 +168,8 @@ def write_tiny_gguf(path, arch, tensors, *, hidden=8, heads=2, kv_heads=1, ffn=1
     if key_length:
         writer.add_key_length(key_length)
         writer.add_value_length(key_length)
+    if extra:
+        extra(writer)
     vocab = _byte_level_vocab(writer)
     arrays = tensors(vocab)
     for name, array in arrays.items():
@@ -238,20 +240,20 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def test_tiny_llama_q_and_k_are_unpermuted_to_hf_layout(tmp_path):
-    hf = tiny_tensors(259, hidden=16, q_size=16, kv_size=8, ffn=16, layers=1)
+    hf = tiny_tensors(259, hidden=16, q_size=16, kv_size=8, ffn=16, layers=1, bias=True)
+    heads = {"attn_q": 4, "attn_k": 2}
 
     def permuted(vocab):
-        t = dict(hf)
-        t["blk.0.attn_q.weight"] = _llama_cpp_permute(hf["blk.0.attn_q.weight"], 4)
-        t["blk.0.attn_k.weight"] = _llama_cpp_permute(hf["blk.0.attn_k.weight"], 2)
-        return t
+        return {name: _llama_cpp_permute(t, heads[name.split(".")[-2]]) if name.split(".")[-2] in heads else t
+                for name, t in hf.items()}
 
     path = tmp_path / "llama.gguf"
     write_tiny_gguf(path, "llama", permuted, hidden=16, heads=4, kv_heads=2, layers=1)
     weights = dict(load_gguf(str(path)).open_weights())
     for gguf_name, proj in (("attn_q", "q_proj"), ("attn_k", "k_proj")):
-        np.testing.assert_array_equal(weights[f"model.layers.0.self_attn.{proj}.weight"].numpy(),
-                                      hf[f"blk.0.{gguf_name}.weight"].astype(np.float32))
+        for kind in ("weight", "bias"):
+            np.testing.assert_array_equal(weights[f"model.layers.0.self_attn.{proj}.{kind}"].numpy(),
+                                          hf[f"blk.0.{gguf_name}.{kind}"].astype(np.float32))
 
 
 def _llama3_rope_factors(theta, head_dim, factor, low, high, orig):
@@ -277,6 +279,18 @@ def test_llama3_rope_scaling_is_recovered_from_rope_freqs(tmp_path):
     config = gguf_model_config(read_gguf(str(path)))
     assert config.rope_scaling == pytest.approx({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+
+
+def test_yarn_rope_scaling_keys_become_hf_rope_scaling(tmp_path):
+    def yarn(writer):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(4.0)
+        writer.add_rope_scaling_orig_ctx_len(32768)
+
+    path = tmp_path / "qwen2-yarn.gguf"
+    write_tiny_gguf(path, "qwen2", lambda v: {"token_embd.weight": np.zeros((v, 8), np.float16)}, extra=yarn)
+    config = gguf_model_config(read_gguf(str(path)))
+    assert config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 
 
 def test_unsupported_architecture_lists_supported_ones(tmp_path):

@@ -56,16 +56,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    # float32 math: torch's CPU kernel is several times faster for 1-query attention in fp32
+    # than in bf16, and the upcast of the gathered context is cheap next to it
     slots = meta.decode_slot_ids
-    keys = k_cache[slots].transpose(1, 2).to(q.dtype)     # [Bd, kvh, L, d]
-    values = v_cache[slots].transpose(1, 2).to(q.dtype)
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
+    keys = k_cache[slots].transpose(1, 2).float()     # [Bd, kvh, L, d]
+    values = v_cache[slots].transpose(1, 2).float()
+    out = F.scaled_dot_product_attention(q.unsqueeze(2).float(), keys, values, attn_mask=meta.decode_mask,
                                          scale=scale, enable_gqa=True)
-    return out.squeeze(2)
+    return out.squeeze(2).to(q.dtype)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, chunk: PrefillChunk, scale: float) -> torch.Tensor:
+    if q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
+        keys = k if chunk.context_len == 0 else k_cache[chunk.slot_ids].to(q.dtype)
+        values = v if chunk.context_len == 0 else v_cache[chunk.slot_ids].to(q.dtype)
+        return grouped_causal_attention(q, keys, values, chunk.context_len, scale)
     qt = q.transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
     if chunk.context_len == 0:
         keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
@@ -83,3 +89,33 @@ def causal_mask_with_context(num_tokens: int, context_len: int) -> torch.Tensor:
     cols = torch.arange(context_len + num_tokens)
     rows = torch.arange(num_tokens).unsqueeze(1) + context_len
     return cols.unsqueeze(0) <= rows
+
+
+_MAX_SCORE_ELEMS = 1 << 18  # rows per slice keep the score block near L2 size (measured best on CPU)
+
+
+def grouped_causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             context_len: int, scale: float) -> torch.Tensor:
+    """Causal attention as two batched matmuls per kv head (the query heads sharing a kv head
+    are stacked as rows). On CPU in bf16 this runs 2-3x faster than torch's flash kernel;
+    scores are rounded to the compute dtype before a softmax that accumulates in float32, as
+    HF's eager attention does. q: [n, H, D]; keys/values: [context_len + n, G, D] -> [n, H, D]."""
+    n, num_heads, dim = q.shape
+    total, groups, _ = keys.shape
+    rep = num_heads // groups
+    kt = keys.permute(1, 2, 0)          # [G, D, L]
+    vg = values.transpose(0, 1)         # [G, L, D]
+    out = torch.empty(n, num_heads, dim, dtype=q.dtype, device=q.device)
+    rows = max(1, _MAX_SCORE_ELEMS // (num_heads * total))
+    cols = torch.arange(total, device=q.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        m, end = r1 - r0, context_len + r1  # later columns are masked for every row here
+        qg = (q[r0:r1] * scale).transpose(0, 1).reshape(groups, rep * m, dim)
+        scores = torch.bmm(qg, kt[:, :, :end])                           # [G, R*m, end]
+        hidden = cols[:end].unsqueeze(0) > (torch.arange(r0, r1, device=q.device) + context_len).unsqueeze(1)
+        scores.view(groups, rep, m, end).masked_fill_(hidden, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        ctx = torch.bmm(probs, vg[:, :end])                             # [G, R*m, D]
+        out[r0:r1] = ctx.view(num_heads, m, dim).transpose(0, 1)
+    return out

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.loader.base import ModelSource, WeightStream
-from engine.loader.gguf_quants import dequantize
+from engine.loader.gguf_quants import check_supported, dequantize
 from engine.loader.gguf_tokenizer import build_gguf_tokenizer, eos_token_ids
 
 logger = logging.getLogger(__name__)
@@ -127,23 +127,24 @@ def read_gguf(path: str) -> GGUFFile:
 
 
 def _rope_scaling(gf: GGUFFile, arch: str, rope_theta: float, head_dim: int) -> dict[str, Any] | None:
+    """HF-format rope_scaling from rope.scaling.* keys (linear, yarn) or a rope_freqs tensor (llama3)."""
     meta = gf.metadata
-    kind = meta.get(f"{arch}.rope.scaling.type")
-    factor = meta.get(f"{arch}.rope.scaling.factor")
-    orig = meta.get(f"{arch}.rope.scaling.original_context_length")
-    if kind in ("linear", "yarn", "llama3") and factor:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind in ("linear", "yarn"):
+        factor = meta.get(f"{arch}.rope.scaling.factor")
+        if not factor:
+            raise ValueError(f"GGUF rope scaling {kind!r} lacks {arch}.rope.scaling.factor; re-convert the model")
         scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
-        if orig:
+        if orig := meta.get(f"{arch}.rope.scaling.original_context_length"):
             scaling["original_max_position_embeddings"] = int(orig)
-        for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
-                            ("attn_factor", "attention_factor")):
-            if f"{arch}.rope.scaling.{key}" in meta and kind == "yarn":
+        for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if kind == "yarn" and f"{arch}.rope.scaling.{key}" in meta:
                 scaling[hf_key] = float(meta[f"{arch}.rope.scaling.{key}"])
         return scaling
-    if kind not in (None, "none"):
-        raise ValueError(f"rope scaling type {kind!r} in GGUF is not supported; "
-                         "supported: linear, yarn, llama3")
-    if "rope_freqs.weight" in gf.tensors:  # Llama 3.1+: per-frequency factors instead of keys
+    if kind != "none":
+        raise ValueError(f"GGUF rope scaling type {kind!r} is not supported; supported: linear, yarn, "
+                         "and llama3 through a rope_freqs tensor")
+    if "rope_freqs.weight" in gf.tensors:  # Llama 3.1+: per-frequency divisors instead of keys
         return _llama3_scaling_from_factors(gf.tensor("rope_freqs.weight").double(), rope_theta, head_dim)
     return None
 
@@ -243,23 +244,28 @@ def hf_tensor_name(gguf_name: str) -> str:
                      "this variant of the architecture is not supported")
 
 
-def _unpermute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's convert_hf_to_gguf permute of q/k rows (interleaved -> half-split rotary)."""
-    rows = weight.shape[0]
-    return (weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
-            .transpose(1, 2).reshape(weight.shape).contiguous())
+def _rotary_source_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """For each HF row of q/k, its row in llama.cpp's file, which interleaves each head's rotary
+    halves (convert_hf_to_gguf's permute); indexing with this undoes it, as transformers does."""
+    return np.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
+
+
+def _load_tensor(gf: GGUFFile, name: str, config: ModelConfig) -> torch.Tensor:
+    info = gf.tensors[name]
+    is_rotary = config.architecture == SUPPORTED_ARCHS["llama"] and (".attn_q." in name or ".attn_k." in name)
+    if not is_rotary:
+        return dequantize(gf.raw(info), info.qtype, info.shape)
+    rows = _rotary_source_rows(info.shape[0], config.num_heads if ".attn_q." in name else config.num_kv_heads)
+    if len(info.shape) == 2:  # each row holds whole quant blocks: reorder the raw rows, then dequantize
+        return dequantize(gf.raw(info).reshape(info.shape[0], -1)[rows], info.qtype, info.shape)
+    return dequantize(gf.raw(info), info.qtype, info.shape)[torch.from_numpy(rows)]
 
 
 def _iter_weights(gf: GGUFFile, config: ModelConfig, names: list[str]) -> WeightStream:
-    permute = config.architecture == SUPPORTED_ARCHS["llama"]
     started = time.perf_counter()
     with tqdm(names, desc="loading GGUF", unit="tensor", disable=not sys.stderr.isatty()) as bar:
         for name in bar:
-            tensor = gf.tensor(name)
-            if permute and (".attn_q." in name or ".attn_k." in name):
-                heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
-                tensor = _unpermute_rotary(tensor, heads)
-            yield hf_tensor_name(name), tensor
+            yield hf_tensor_name(name), _load_tensor(gf, name, config)
     logger.info("dequantized %d GGUF tensors from %s in %.2f s",
                 len(names), gf.path, time.perf_counter() - started)
 
@@ -269,8 +275,9 @@ def load_gguf(path: str) -> ModelSource:
     gf = read_gguf(path)
     config = gguf_model_config(gf)
     names = [name for name in gf.tensors if name not in _CONSUMED]
-    for name in names:
-        hf_tensor_name(name)  # fail now, not half-way through a load
+    for name in names:  # fail now, not half-way through a load
+        hf_tensor_name(name)
+        check_supported(gf.tensors[name].qtype)
     tokenizer = build_gguf_tokenizer(gf.metadata)
     size_mb = sum(gf.tensors[n].nbytes for n in names) / 2**20
     logger.info("GGUF %s: %s, %d layers, %d tensors, %.1f MB", path, config.architecture,
