@@ -52,7 +52,8 @@ class LLMEngine:
         return f"req-{next(self._ids)}"
 
     def make_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     cache_salt: bytes = b"", extra: dict[str, Any] | None = None) -> Request:
+                     cache_salt: bytes = b"", session_key: str | None = None,
+                     extra: dict[str, Any] | None = None) -> Request:
         """Validates a prompt against the limits and builds the Request (without queuing it)."""
         n = len(prompt_token_ids)
         if n == 0:
@@ -68,7 +69,7 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         return Request(request_id or self.new_request_id(), list(prompt_token_ids), params,
                        eos_token_ids=self.eos_token_ids, max_tokens=max_tokens, cache_salt=cache_salt,
-                       extra=dict(extra or {}))
+                       session_key=session_key, extra=dict(extra or {}))
 
     def add_request(self, request: Request) -> None:
         self._detoks[request.request_id] = IncrementalDetokenizer(

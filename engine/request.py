@@ -35,6 +35,7 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     max_tokens: int = 256           # resolved against max_model_len by the engine
     cache_salt: bytes = b""
+    session_key: str | None = None  # keeps this conversation's KV resident after it finishes
     arrival_time: float = field(default_factory=time.monotonic)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. kv_transfer_params, session
 

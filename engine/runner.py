@@ -48,6 +48,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        self._copy_blocks(out.blocks_to_copy)
         batch = self._prepare(out.scheduled)
         self.connector.on_step_start(out.scheduled)
         hook = self.connector.on_layer_done if self.connector.wants_layer_hooks else None
@@ -70,6 +71,13 @@ class ModelRunner:
                 result.logprobs[req.request_id] = lp
         self.connector.on_step_done(result.sampled)
         return result
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            view = self.pool.blocks_view()
+            src = torch.tensor([c[0] for c in copies], device=self.device)
+            dst = torch.tensor([c[1] for c in copies], device=self.device)
+            view[:, :, dst] = view[:, :, src]
 
     @torch.inference_mode()
     def hidden_states(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:

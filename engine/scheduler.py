@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from engine.config import SchedulerConfig
 from engine.kv_cache.manager import KVCacheManager
+from engine.kv_cache.session_cache import SessionCache
 from engine.kv_connector import KVConnector, RemotePrefillResult
 from engine.request import Request, RequestStatus
 
@@ -26,10 +27,11 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     start: int  # num_computed_tokens when scheduled
-    samples: bool = field(init=False)  # the chunk reaches the last known token: a new one follows
+    samples: bool | None = None  # None: sample when the chunk reaches the last known token
 
     def __post_init__(self) -> None:
-        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
+        if self.samples is None:
+            self.samples = self.start + self.num_new_tokens == self.request.num_tokens
 
     @property
     def is_decode(self) -> bool:
@@ -40,6 +42,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)  # decodes first
     preempted_ids: list[str] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +66,8 @@ class Scheduler:
         self.sending: dict[str, Request] = {}      # finished, blocks kept while KV is sent
         self.requests: dict[str, Request] = {}
         self.remote_results: list[tuple[Request, RemotePrefillResult]] = []
+        self.finalizing: list[Request] = []        # finished session requests: last token's KV next
+        self.sessions = SessionCache(kv.pool, kv.block_size)
         self.num_preemptions = 0
 
     # ---- admission -----------------------------------------------------------------
@@ -77,13 +82,13 @@ class Scheduler:
         return len(self.waiting) + len(self.running) + len(self.remote)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.remote or self.sending)
+        return bool(self.waiting or self.running or self.remote or self.sending or self.finalizing)
 
     # ---- one step --------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self._poll_connector()
         out = SchedulerOutput()
-        budget = self.cfg.max_num_batched_tokens
+        budget = self._schedule_finalizing(out, self.cfg.max_num_batched_tokens)
         budget = self._schedule_running(out, budget)
         if not out.preempted_ids:
             self._schedule_waiting(out, budget)
@@ -96,6 +101,8 @@ class Scheduler:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while self.kv.allocate_slots(req, n) is None:
+                if self.sessions.evict_lru(keep=req.session_key):
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted_ids.append(victim.request_id)
@@ -113,31 +120,68 @@ class Scheduler:
         while (self.waiting and budget > 0
                and len(self.running) + len(self.remote) < self.cfg.max_num_seqs):
             req = self.waiting[0]
-            blocks, num_hit = self.kv.get_computed_blocks(req)
-            first_time = req.num_cached_tokens < 0
-            num_external = (self.connector.get_num_new_matched_tokens(req, num_hit)
-                            if first_time and "no_remote" not in req.extra else 0)
-            if num_external > 0:
-                if self.kv.allocate_slots(req, num_external, blocks) is None:
-                    return
-                self._record_admission(req, num_hit)
-                self.waiting.popleft()
-                req.num_computed_tokens = num_hit
-                req.status = RequestStatus.WAITING_FOR_REMOTE_KV
-                self.remote[req.request_id] = req
-                self.connector.update_state_after_alloc(req, self.kv.block_table(req.request_id), num_external)
-                continue
-            remaining = req.num_tokens - num_hit
-            n = min(remaining, budget) if self.cfg.enable_chunked_prefill else remaining
-            if n > budget or self.kv.allocate_slots(req, n, blocks) is None:
+            admitted = self._admit(req, out, budget)
+            while admitted is False and self.sessions.evict_lru(keep=req.session_key):
+                admitted = self._admit(req, out, budget)
+            if not admitted:
                 return
-            self._record_admission(req, num_hit)
-            self.waiting.popleft()
-            req.num_computed_tokens = num_hit
+            if req.status == RequestStatus.RUNNING:
+                budget -= out.scheduled[-1].num_new_tokens
+
+    def _admit(self, req: Request, out: SchedulerOutput, budget: int) -> bool | None:
+        """Allocates blocks for the waiting head and moves it on. False: blocks are short;
+        None: the prompt does not fit this step's budget (chunked prefill off)."""
+        blocks, num_hit = self.kv.get_computed_blocks(req)
+        hit = self.sessions.lookup(req.session_key, req.all_token_ids) if req.session_key else None
+        if hit is not None and hit.num_tokens <= num_hit:
+            hit = None
+        start = hit.num_tokens if hit is not None else num_hit
+        first_time = req.num_cached_tokens < 0
+        num_external = (self.connector.get_num_new_matched_tokens(req, start)
+                        if first_time and "no_remote" not in req.extra else 0)
+        remaining = req.num_tokens - start
+        if num_external > 0:
+            n = num_external
+        else:
+            n = min(remaining, budget) if self.cfg.enable_chunked_prefill else remaining
+            if n > budget:
+                return None
+        if hit is not None:
+            copies = self.kv.allocate_from_session(req, hit, n)
+            if copies is None:
+                return False
+            out.blocks_to_copy.extend(copies)
+            self.sessions.touch(req.session_key)
+        elif self.kv.allocate_slots(req, n, blocks) is None:
+            return False
+        self._record_admission(req, start)
+        self.waiting.popleft()
+        req.num_computed_tokens = start
+        if num_external > 0:
+            req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+            self.remote[req.request_id] = req
+            self.connector.update_state_after_alloc(req, self.kv.block_table(req.request_id), num_external)
+        else:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n, num_hit))
-            budget -= n
+            out.scheduled.append(ScheduledRequest(req, n, start))
+        return True
+
+    def _schedule_finalizing(self, out: SchedulerOutput, budget: int) -> int:
+        """Computes the KV of a finished session request's last token, then stores the session."""
+        pending, self.finalizing = self.finalizing, []
+        for req in pending:
+            if budget > 0 and self.kv.allocate_slots(req, 1) is not None:
+                out.scheduled.append(ScheduledRequest(req, 1, req.num_computed_tokens, samples=False))
+                self.finalizing.append(req)
+                budget -= 1
+            else:
+                self._store_session(req)
+        return budget
+
+    def _store_session(self, req: Request) -> None:
+        tokens, blocks = self.kv.release_for_session(req)
+        self.sessions.store(req.session_key, tokens, blocks)
 
     def _record_admission(self, req: Request, num_hit: int) -> None:
         if req.num_cached_tokens < 0:
@@ -162,7 +206,12 @@ class Scheduler:
         for s in out.scheduled:
             req = s.request
             if req.is_finished:
-                continue  # aborted while the step ran
+                if req in self.finalizing:
+                    req.num_computed_tokens += s.num_new_tokens
+                    self.kv.cache_full_blocks(req)
+                    self.finalizing.remove(req)
+                    self._store_session(req)
+                continue  # otherwise: aborted while the step ran
             req.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(req)
             token = sampled.get(req.request_id)
@@ -202,7 +251,12 @@ class Scheduler:
             self.connector.abort_load(req)
         elif previous in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(req)
-        if self.connector.request_finished(req, self.kv.block_table(request_id)):
+        if req.session_key and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            if req.num_computed_tokens < req.num_tokens:
+                self.finalizing.append(req)
+            else:
+                self._store_session(req)
+        elif self.connector.request_finished(req, self.kv.block_table(request_id)):
             self.sending[request_id] = req
         else:
             self.kv.free(req)

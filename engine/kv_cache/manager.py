@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from engine.kv_cache.block_pool import BlockPool
+from engine.kv_cache.session_cache import SessionHit
 from engine.request import Request
 
 
@@ -56,6 +57,35 @@ class KVCacheManager:
         new_blocks = self.pool.allocate(need) if need else []
         table.extend(new_blocks)
         return new_blocks
+
+    def allocate_from_session(self, request: Request, hit: SessionHit, num_new_tokens: int
+                              ) -> list[tuple[int, int]] | None:
+        """Like allocate_slots, reusing a session's KV: its full blocks are shared and its
+        partial last block is copied into a fresh one. Returns the (src, dst) block copies
+        the runner must do before the forward pass, or None (nothing changed)."""
+        full = hit.full_blocks(self.block_size)
+        src, partial_tokens = hit.partial(self.block_size)
+        total = len(full) * self.block_size + partial_tokens + num_new_tokens
+        need = -(-total // self.block_size) - len(full)
+        reviving = sum(1 for b in full if self.pool.blocks[b].ref_count == 0)
+        if request.request_id in self.block_tables or need + reviving > self.pool.num_free_blocks:
+            return None
+        self.pool.touch(full)
+        new_blocks = self.pool.allocate(need)
+        self.block_tables[request.request_id] = full + new_blocks
+        self._num_cached_blocks[request.request_id] = len(full)
+        return [(src, new_blocks[0])] if src is not None else []
+
+    def release_for_session(self, request: Request) -> tuple[list[int], list[int]]:
+        """Hands the blocks holding the request's computed tokens over to a session (their
+        references move with them); frees the rest. Returns (token_ids, block_ids)."""
+        table = self.block_tables.pop(request.request_id, [])
+        self._num_cached_blocks.pop(request.request_id, None)
+        n = request.num_computed_tokens
+        keep = -(-n // self.block_size)
+        if table[keep:]:
+            self.pool.free(reversed(table[keep:]))
+        return request.all_token_ids[:n], table[:keep]
 
     def cache_full_blocks(self, request: Request) -> None:
         """Registers the request's newly completed full blocks in the prefix cache."""
