@@ -1,0 +1,1 @@
+"""pd-decode: OpenAI-compatible decode node."""

@@ -1,0 +1,5 @@
+import sys
+
+from pd.decode.cli import main
+
+sys.exit(main())
