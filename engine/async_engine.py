@@ -20,7 +20,7 @@ from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05
-_REMOTE_POLL_S = 0.001
+_REMOTE_POLL_S = 0.002
 
 
 class EngineDeadError(RuntimeError):
@@ -117,7 +117,9 @@ class AsyncEngine:
                     continue
                 for out in outputs:
                     self._deliver(out.request_id, out)
-                if not outputs and self.engine.scheduler.remote and not self.engine.scheduler.running:
+                sched = self.engine.scheduler
+                if not outputs and not sched.running and not sched.waiting:
+                    # only remote loads / delayed frees pending: poll the connector gently
                     self._wake.wait(_REMOTE_POLL_S)
                     self._wake.clear()
         except BaseException as exc:  # pragma: no cover - last resort

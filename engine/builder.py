@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -28,6 +29,7 @@ class EngineBuilder:
         self.cache_cfg = CacheConfig()
         self.sched_cfg = SchedulerConfig()
         self._connector: KVConnector | None = None
+        self._kv_buffer: Callable[[int], torch.Tensor] | None = None
 
     def device(self, device: str) -> "EngineBuilder":
         self.device_cfg = dataclasses.replace(self.device_cfg, device=device)
@@ -64,6 +66,11 @@ class EngineBuilder:
         self._connector = connector
         return self
 
+    def kv_buffer(self, factory: Callable[[int], torch.Tensor]) -> "EngineBuilder":
+        """Places the KV pool in memory from factory(num_bytes), e.g. POSIX shared memory."""
+        self._kv_buffer = factory
+        return self
+
     def build_llm_engine(self) -> LLMEngine:
         t0 = time.perf_counter()
         if self.device_cfg.num_threads:
@@ -84,7 +91,8 @@ class EngineBuilder:
         free = torch.cuda.mem_get_info()[0] if self.device_cfg.is_cuda else 0
         layout = plan_num_blocks(source.config, self.cache_cfg, kv_dtype, max_len, sched.max_num_seqs,
                                  self.device_cfg.is_cuda, free)
-        engine = LLMEngine(model, source.tokenizer, config, KVPool(layout, device), self._connector)
+        buffer = self._kv_buffer(layout.total_bytes) if self._kv_buffer else None
+        engine = LLMEngine(model, source.tokenizer, config, KVPool(layout, device, buffer), self._connector)
         engine.model_description = source.description
         logger.info("engine ready: %s, %s, max_model_len %d, %.1f s", source.description,
                     str(dtype).replace("torch.", ""), max_len, time.perf_counter() - t0)

@@ -43,7 +43,7 @@ class LLMEngine:
         eos = tuple(tokenizer.eos_token_ids) or tuple(config.model.eos_token_ids)
         self.eos_token_ids = eos
         self.runner.eos_token_ids = eos
-        self.connector.register_kv_pool(pool)
+        self.connector.register_kv_pool(pool, self.kv.block_tables)
         self._detoks: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
 
@@ -92,6 +92,11 @@ class LLMEngine:
             lps = [result.first_logprobs] if result.first_logprobs else []
             outputs.append(self._emit(req, [req.output_token_ids[-1]], lps))
         self.scheduler.remote_results.clear()
+        for req in self.scheduler.errored:
+            self._detoks.pop(req.request_id, None)
+            outputs.append(RequestOutput(req.request_id, [], "", finished=True, finish_reason="error",
+                                         num_prompt_tokens=req.num_prompt_tokens, error=req.extra.get("error")))
+        self.scheduler.errored.clear()
         if out.is_empty:
             return outputs
         now = time.monotonic()

@@ -34,8 +34,9 @@ class RemotePrefillResult:
 @dataclass
 class FinishedTransfers:
     loaded: dict[str, RemotePrefillResult] = field(default_factory=dict)  # req id -> result
-    load_failed: dict[str, str] = field(default_factory=dict)              # req id -> reason
-    sent: set[str] = field(default_factory=set)                            # blocks may be freed now
+    load_failed: dict[str, str] = field(default_factory=dict)   # req id -> reason; recompute locally
+    load_errors: dict[str, str] = field(default_factory=dict)   # req id -> reason; fail the request
+    sent: set[str] = field(default_factory=set)                 # delayed frees that may happen now
 
 
 class KVConnector:
@@ -59,8 +60,9 @@ class KVConnector:
         """The request ended (e.g. client gone) while its KV was still being loaded."""
 
     # ---- worker side ----------------------------------------------------------------
-    def register_kv_pool(self, pool: "KVPool") -> None:
-        """Called once at start-up with the engine's KV storage."""
+    def register_kv_pool(self, pool: "KVPool", block_tables: dict[str, list[int]]) -> None:
+        """Called once at start-up with the engine's KV storage and its live block tables
+        (request id -> block ids; read-only for the connector, owned by the engine thread)."""
 
     def on_step_start(self, scheduled: "list[ScheduledRequest]") -> None:
         """Called before each forward pass with the requests and token ranges it computes."""

@@ -67,6 +67,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.remote_results: list[tuple[Request, RemotePrefillResult]] = []
         self.finalizing: list[Request] = []        # finished session requests: last token's KV next
+        self.errored: list[Request] = []           # failed by the connector, not yet reported
         self.sessions = SessionCache(kv.pool, kv.block_size)
         self.num_preemptions = 0
 
@@ -279,6 +280,12 @@ class Scheduler:
             self.running.append(req)
             self.remote_results.append((req, result))
             self._append_token(req, result.first_token_id)
+        for rid, reason in finished.load_errors.items():
+            req = self.remote.get(rid)
+            if req is not None:
+                req.extra["error"] = reason
+                self.finish_request(rid, RequestStatus.FINISHED_ERROR)
+                self.errored.append(req)
         for rid, reason in finished.load_failed.items():
             req = self.remote.pop(rid, None)
             if req is None:

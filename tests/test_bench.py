@@ -211,7 +211,8 @@ def test_send_history_no_sends_only_the_new_user_message_with_the_session_id():
 def test_completions_prompt_is_plain_for_one_turn_and_a_transcript_for_several():
     system, user = {"role": "system", "content": "S"}, {"role": "user", "content": "U"}
     assert to_prompt((system, user)) == "S\n\nU"
-    assert to_prompt((user, {"role": "assistant", "content": "A"}, user)) == "User: U\n\nAssistant: A\n\nUser: U\n\nAssistant:"
+    transcript = to_prompt((user, {"role": "assistant", "content": "A"}, user))
+    assert transcript == "User: U\n\nAssistant: A\n\nUser: U\n\nAssistant:"
 
 
 # ---- end to end against a tiny OpenAI-compatible server ----------------------------------------------

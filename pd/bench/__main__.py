@@ -42,13 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default="http://127.0.0.1:8080", help="server root; /v1/... is appended")
     p.add_argument("--model", help="model name (default: the first id from GET /v1/models)")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="bearer token (default: $OPENAI_API_KEY)")
     p.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
-    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--num-requests", type=int, default=64, help="requests to measure (random and fixed datasets)")
     p.add_argument("--concurrency", type=int, default=None,
                    help=f"requests (or sessions) in flight at most (default {DEFAULT_CONCURRENCY}; "
                         "unbounded with --request-rate)")
-    p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (default inf)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="Poisson arrivals per second (default inf: all at once, limited by --concurrency)")
     p.add_argument("--dataset", choices=DATASETS, default="random",
                    help="random: lengths drawn per request; fixed: exactly --input-len/--output-len; "
                         "multiturn: sessions of --turns sequential turns")
@@ -192,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except StartError as exc:
         print(f"pd-bench: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pd-bench: interrupted; no report", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

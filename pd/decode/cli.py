@@ -27,8 +27,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queued requests beyond which new ones get 429 (default 4 x max-num-seqs)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight work")
+    pd = p.add_argument_group("prefill/decode disaggregation")
+    pd.add_argument("--pd-url", action="append", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                    help="prefill node(s); without it the node serves colocated")
+    pd.add_argument("--pd-transport", default="auto", choices=["auto", "grpc", "local"],
+                    help="auto: shared memory when the prefill node is on this host, gRPC otherwise")
+    pd.add_argument("--pd-failure", default="recompute", choices=["recompute", "fail"],
+                    help="on a failed remote prefill: prefill locally, or fail the request")
+    pd.add_argument("--pd-min-prompt-tokens", type=int, default=128,
+                    help="uncached prompt suffixes shorter than this are prefilled locally")
+    pd.add_argument("--pd-connect-timeout", type=float, default=2.0)
+    pd.add_argument("--pd-first-chunk-timeout", type=float, default=10.0)
+    pd.add_argument("--pd-transfer-timeout", type=float, default=120.0)
+    pd.add_argument("--pd-max-peer-waiting", type=int, default=8,
+                    help="a prefill node with this many queued requests counts as full")
+    pd.add_argument("--pd-wire-dtype", default="", choices=["", "float8_e4m3fn"],
+                    help="gRPC transport: send KV as fp8 (e4m3, per-message scale)")
     add_engine_args(p)
     return p
+
+
+def build_connector(args: argparse.Namespace):
+    """The PD connector for --pd-url, or None when colocated."""
+    if not args.pd_url:
+        return None
+    from pd.decode.pd_connector import DecodeConnector, PDPolicy
+    addresses = [a.strip() for item in args.pd_url for a in item.split(",") if a.strip()]
+    policy = PDPolicy(min_prompt_tokens=args.pd_min_prompt_tokens, failure=args.pd_failure,
+                      first_chunk_timeout_s=args.pd_first_chunk_timeout,
+                      transfer_timeout_s=args.pd_transfer_timeout, max_peer_waiting=args.pd_max_peer_waiting,
+                      wire_dtype=args.pd_wire_dtype)
+    return DecodeConnector(addresses, policy)
 
 
 def default_model_name(args: argparse.Namespace) -> str:
@@ -42,15 +71,19 @@ def default_model_name(args: argparse.Namespace) -> str:
     return "SmolLM2-135M-Instruct"
 
 
-def build_state(args: argparse.Namespace, connector=None, role: str = "decode") -> NodeState:
+def build_state(args: argparse.Namespace, role: str = "decode") -> NodeState:
     from engine.async_engine import AsyncEngine
     builder = builder_from_args(args)
+    connector = build_connector(args)
     if connector is not None:
         builder.connector(connector)
     llm = builder.build_llm_engine()
-    engine = AsyncEngine(llm).start()
     name = default_model_name(args)
     metrics = ServingMetrics(name, llm.stats, lambda: _session_metrics(llm))
+    if connector is not None:
+        connector.attach(llm, args.pd_transport, args.pd_connect_timeout, metrics)
+        connector.start()
+    engine = AsyncEngine(llm).start()
     keys = frozenset(args.api_key or ([os.environ["PDSERVE_API_KEY"]] if os.environ.get("PDSERVE_API_KEY") else []))
     return NodeState(engine=engine, tokenizer=llm.tokenizer, model_name=name, max_model_len=llm.max_model_len,
                      metrics=metrics, api_keys=keys, max_waiting=args.max_waiting or 4 * args.max_num_seqs,

@@ -35,8 +35,33 @@ class ServingMetrics:
                                labels + ["finished_reason"], registry=r)
         self.errors = Counter("pdserve:request_errors", "Requests rejected or failed, by HTTP status",
                               labels + ["status"], registry=r)
+        tl = labels + ["transport"]
+        self.transfers = Counter("pdserve:kv_transfers", "Remote prefills received", tl, registry=r)
+        self.transfer_bytes = Counter("pdserve:kv_transfer_bytes", "KV bytes received from prefill nodes", tl,
+                                      registry=r)
+        self.transfer_tokens = Counter("pdserve:kv_transfer_tokens", "Prompt tokens prefilled remotely", tl,
+                                       registry=r)
+        self.transfer_seconds = Histogram("pdserve:kv_transfer_seconds", "Remote prefill + KV transfer time",
+                                          tl, buckets=_LATENCY_BUCKETS, registry=r)
+        self.transfer_failures = Counter("pdserve:kv_transfer_failures", "Failed remote prefills, by cause",
+                                         labels + ["cause"], registry=r)
+        self.fallbacks = Counter("pdserve:pd_local_prefills", "Prompts prefilled locally instead of remotely, "
+                                 "by cause", labels + ["cause"], registry=r)
         self.model_name = model_name
         r.register(_EngineCollector(model_name, stats, extra))
+
+    def transfer_done(self, transport: str, num_tokens: int, num_bytes: int, seconds: float) -> None:
+        lab = (self.model_name, transport)
+        self.transfers.labels(*lab).inc()
+        self.transfer_bytes.labels(*lab).inc(num_bytes)
+        self.transfer_tokens.labels(*lab).inc(num_tokens)
+        self.transfer_seconds.labels(*lab).observe(seconds)
+
+    def fallback(self, reason: str, is_failure: bool) -> None:
+        cause = failure_cause(reason)
+        if is_failure:
+            self.transfer_failures.labels(self.model_name, cause).inc()
+        self.fallbacks.labels(self.model_name, cause).inc()
 
     def finished(self, reason: str) -> None:
         self.success.labels(self.model_name, reason).inc()
@@ -83,3 +108,12 @@ def _counter(name: str, doc: str, value: float, labels: list[str]) -> CounterMet
     c = CounterMetricFamily(name, doc, labels=["model_name"])
     c.add_metric(labels, value)
     return c
+
+
+def failure_cause(reason: str) -> str:
+    """A short, bounded label for a free-text failure reason."""
+    r = reason.lower()
+    for cause in ("timeout", "unavailable", "refused", "corrupt", "short", "aborted", "no healthy"):
+        if cause in r:
+            return cause.replace(" ", "_")
+    return "other"

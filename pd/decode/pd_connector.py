@@ -1,0 +1,307 @@
+"""Decode-side KV connector: sends long prefills to a prefill node and writes the KV back.
+
+Scheduler side: a request whose uncached prompt suffix is long enough, while a healthy
+prefill node has room, is claimed for remote prefill; once its blocks are allocated a
+transfer thread streams the KV into them. Failures (timeouts, a dead or hung node, a
+corrupt or short stream) are reported back as "recompute locally" or "fail", per policy.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from engine.kv_cache.kv_pool import KVPool
+from engine.kv_connector import FinishedTransfers, KVConnector
+from engine.request import Request
+from pd._generated import prefill_pb2 as pb
+from pd.decode.prefill_peer import PrefillPeer, _describe
+from pd.transport.fingerprint import engine_fingerprint, engine_kv_spec
+from pd.transport.messages import done_to_result, sampling_to_pb
+from pd.transport.wire import decode_kv
+
+logger = logging.getLogger("pd.decode.transfer")
+
+
+@dataclass(frozen=True)
+class PDPolicy:
+    min_prompt_tokens: int = 128        # uncached suffix below this is prefilled locally
+    failure: str = "recompute"          # or "fail"
+    first_chunk_timeout_s: float = 10.0
+    transfer_timeout_s: float = 120.0
+    max_peer_waiting: int = 8           # a prefill node with this many queued is "full"
+    wire_dtype: str = ""                # grpc transport: "" = KV dtype, "float8_e4m3fn"
+    health_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.failure not in ("recompute", "fail"):
+            raise ValueError(f"--pd-failure must be recompute or fail, got {self.failure!r}")
+
+
+@dataclass
+class Transfer:
+    request_id: str
+    peer: PrefillPeer
+    token_ids: list[int]
+    skip: int
+    block_ids: list[int]
+    message: pb.PrefillRequest
+    wants_logprobs: bool
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    call: object = None
+
+
+class TransferFailed(Exception):
+    def __init__(self, reason: str, peer_down: bool = False):
+        super().__init__(reason)
+        self.peer_down = peer_down
+
+
+class DecodeConnector(KVConnector):
+    def __init__(self, addresses: list[str], policy: PDPolicy, max_workers: int = 16):
+        self.addresses = addresses
+        self.peers: list[PrefillPeer] = []
+        self.policy = policy
+        self.metrics = None
+        self.pool: KVPool | None = None
+        self.block_tables: dict[str, list[int]] = {}
+        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="kv-transfer")
+        self._lock = threading.Lock()
+        self._active: dict[str, Transfer] = {}
+        self._claimed: dict[str, PrefillPeer] = {}
+        self._finished = FinishedTransfers()
+        self._stop = threading.Event()
+        self._rr = 0
+        self._health = threading.Thread(target=self._health_loop, name="pd-health", daemon=True)
+
+    def register_kv_pool(self, pool: KVPool, block_tables: dict[str, list[int]]) -> None:
+        self.pool = pool
+        self.block_tables = block_tables
+
+    def attach(self, llm, transport: str, connect_timeout_s: float, metrics=None) -> None:
+        """Binds the connector to its engine: the fingerprint it offers peers, and metrics."""
+        fp, spec = engine_fingerprint(llm), engine_kv_spec(llm)
+        self.peers = [PrefillPeer(a, fp, spec, transport, connect_timeout_s) for a in self.addresses]
+        self.metrics = metrics
+
+    def start(self) -> None:
+        """Connects to the prefill nodes (after the engine exists) and starts health checks."""
+        for peer in self.peers:
+            peer.connect(self.pool.layout)
+        self._health.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- scheduler side ----------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
+        suffix = request.num_tokens - num_computed_tokens
+        if suffix < self.policy.min_prompt_tokens or not self.peers:
+            return 0
+        peer = self._pick_peer()
+        if peer is None:
+            self._fallback(request.request_id, "no healthy prefill node with room", count_failure=False)
+            return 0
+        self._claimed[request.request_id] = peer
+        return suffix
+
+    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+        peer = self._claimed.pop(request.request_id)
+        skip = request.num_tokens - num_external_tokens
+        p = request.params
+        msg = pb.PrefillRequest(request_id=request.request_id, token_ids=request.all_token_ids,
+                                sampling=sampling_to_pb(p), transport=peer.transport or "grpc", skip_tokens=skip,
+                                wire_dtype=self.policy.wire_dtype if peer.transport == "grpc" else "")
+        t = Transfer(request.request_id, peer, list(request.all_token_ids), skip, list(block_ids), msg,
+                     p.logprobs is not None)
+        with self._lock:
+            self._active[t.request_id] = t
+            peer.num_inflight += 1
+        self._executor.submit(self._run, t)
+
+    def abort_load(self, request: Request) -> None:
+        with self._lock:
+            t = self._active.get(request.request_id)
+        if t is not None:
+            t.cancelled.set()
+            if t.call is not None:
+                t.call.cancel()
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> bool:
+        with self._lock:
+            return request.request_id in self._active  # still writing: free when it stops
+
+    def get_finished(self) -> FinishedTransfers:
+        with self._lock:
+            done, self._finished = self._finished, FinishedTransfers()
+        return done
+
+    def describe(self) -> dict:
+        return {"kind": "decode", "peers": [{"address": p.address, "healthy": p.healthy,
+                                             "transport": p.transport} for p in self.peers]}
+
+    def _pick_peer(self) -> PrefillPeer | None:
+        usable = [p for p in self.peers if p.healthy and p.stub is not None
+                  and not p.is_overloaded(self.policy.max_peer_waiting)]
+        if not usable:
+            return None
+        self._rr += 1
+        return min(usable, key=lambda p: (p.num_inflight + p.load.num_waiting, (self._rr + id(p)) % 7))
+
+    # ---- transfer thread ---------------------------------------------------------------------
+    def _run(self, t: Transfer) -> None:
+        t0 = time.monotonic()
+        try:
+            result, nbytes = self._stream(t)
+        except TransferFailed as exc:
+            if exc.peer_down:
+                t.peer.mark_down(str(exc))
+            self._finish(t, failure=str(exc))
+        except Exception as exc:  # a bug must not leave the request waiting forever
+            logger.exception("transfer %s crashed", t.request_id)
+            self._finish(t, failure=f"internal error: {exc}")
+        else:
+            ms = (time.monotonic() - t0) * 1e3
+            n = len(t.token_ids) - t.skip
+            logger.info("transfer %s: %d tokens, %.2f MB, %.1f ms, %.1f MB/s, transport %s (prefill node %s, "
+                        "%d tokens cached there)", t.request_id, n, nbytes / 1e6, ms,
+                        nbytes / 1e6 / max(ms / 1e3, 1e-9), t.peer.transport, t.peer.address,
+                        result.num_remote_cached_tokens)
+            if self.metrics is not None:
+                self.metrics.transfer_done(t.peer.transport, n, nbytes, ms / 1e3)
+            self._finish(t, result=result)
+
+    def _finish(self, t: Transfer, result=None, failure: str | None = None) -> None:
+        with self._lock:
+            self._active.pop(t.request_id, None)
+            t.peer.num_inflight -= 1
+            if t.cancelled.is_set():
+                self._finished.sent.add(t.request_id)
+            elif result is not None:
+                self._finished.loaded[t.request_id] = result
+            elif self.policy.failure == "fail":
+                self._finished.load_errors[t.request_id] = f"remote prefill failed: {failure}"
+            else:
+                self._finished.load_failed[t.request_id] = failure
+        if failure is not None and not t.cancelled.is_set():
+            self._fallback(t.request_id, failure)
+
+    def _fallback(self, request_id: str, reason: str, count_failure: bool = True) -> None:
+        action = "failing the request" if self.policy.failure == "fail" and count_failure else "prefilling locally"
+        logger.info("fallback %s: %s; %s", request_id, reason, action)
+        if self.metrics is not None:
+            self.metrics.fallback(reason, count_failure)
+
+    def _stream(self, t: Transfer):
+        peer = t.peer
+        stub, local_pool = peer.stub, peer.local_pool
+        if stub is None:
+            raise TransferFailed("prefill node disconnected", peer_down=True)
+        call = stub.Prefill(t.message, timeout=self.policy.transfer_timeout_s)
+        t.call = call
+        if t.cancelled.is_set():
+            call.cancel()
+        timer = threading.Timer(self.policy.first_chunk_timeout_s, call.cancel)
+        timer.start()
+        nbytes, first, count = 0, True, 0
+        try:
+            for msg in call:
+                if first:
+                    timer.cancel()
+                    first = False
+                kind = msg.WhichOneof("payload")
+                if kind == "kv":
+                    nbytes += self._write_kv(t, msg.kv)
+                elif kind == "local":
+                    nbytes += self._copy_local(t, msg.local, local_pool)
+                elif kind == "done":
+                    if msg.done.num_kv_messages != count:
+                        raise TransferFailed(f"short KV stream: {count} of {msg.done.num_kv_messages} messages")
+                    return self._done(t, msg.done), nbytes
+                count += 1
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if t.cancelled.is_set():
+                raise TransferFailed("aborted") from None
+            if code == grpc.StatusCode.CANCELLED and first:
+                raise TransferFailed(f"no KV within {self.policy.first_chunk_timeout_s:.0f} s (first-chunk "
+                                     "timeout)", peer_down=True) from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TransferFailed(f"transfer exceeded {self.policy.transfer_timeout_s:.0f} s",
+                                     peer_down=True) from None
+            down = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+            raise TransferFailed(_describe(exc), peer_down=down) from None
+        finally:
+            timer.cancel()
+        raise TransferFailed("the KV stream ended before its last message (short stream)", peer_down=False)
+
+    def _check_range(self, t: Transfer, layer: int, start: int, n: int) -> None:
+        lay = self.pool.layout
+        if layer >= lay.num_layers or n <= 0 or start < t.skip or start + n > len(t.token_ids):
+            raise TransferFailed(f"corrupt KV message: layer {layer}, positions [{start}, {start + n}) outside "
+                                 f"[{t.skip}, {len(t.token_ids)})")
+
+    def _slots(self, block_ids: list[int], start: int, n: int) -> torch.Tensor:
+        bs = self.pool.layout.block_size
+        pos = torch.arange(start, start + n)
+        return torch.tensor(block_ids, dtype=torch.long)[pos // bs] * bs + pos % bs
+
+    def _write_kv(self, t: Transfer, chunk: pb.KVChunk) -> int:
+        self._check_range(t, chunk.layer, chunk.start, chunk.num_tokens)
+        lay = self.pool.layout
+        shape = (chunk.num_tokens, lay.num_kv_heads, lay.head_dim)
+        try:
+            k = decode_kv(chunk.k, chunk.wire_dtype, chunk.k_scale, shape, lay.dtype)
+            v = decode_kv(chunk.v, chunk.wire_dtype, chunk.v_scale, shape, lay.dtype)
+        except ValueError as exc:
+            raise TransferFailed(str(exc)) from None
+        if t.cancelled.is_set():
+            raise TransferFailed("aborted")
+        slots = self._slots(t.block_ids, chunk.start, chunk.num_tokens)
+        layer = self.pool.data[chunk.layer]
+        layer[0].index_copy_(0, slots, k)
+        layer[1].index_copy_(0, slots, v)
+        return len(chunk.k) + len(chunk.v)
+
+    def _copy_local(self, t: Transfer, chunk: pb.LocalChunk, src_pool: torch.Tensor | None) -> int:
+        if src_pool is None:
+            raise TransferFailed("local KV message but no shared pool is mapped", peer_down=True)
+        self._check_range(t, chunk.layer, chunk.start, chunk.num_tokens)
+        bs = self.pool.layout.block_size
+        if (chunk.start + chunk.num_tokens - 1) // bs >= len(chunk.block_ids) or \
+                max(chunk.block_ids) * bs >= src_pool.shape[2]:
+            raise TransferFailed("corrupt local KV message: block ids outside the shared pool")
+        if t.cancelled.is_set():
+            raise TransferFailed("aborted")
+        src = self._slots(list(chunk.block_ids), chunk.start, chunk.num_tokens)
+        dst = self._slots(t.block_ids, chunk.start, chunk.num_tokens)
+        layer = self.pool.data[chunk.layer]
+        layer.index_copy_(1, dst, src_pool[chunk.layer].index_select(1, src))
+        return 2 * chunk.num_tokens * self.pool.layout.num_kv_heads * self.pool.layout.head_dim * \
+            self.pool.layout.itemsize
+
+    def _done(self, t: Transfer, done: pb.PrefillDone):
+        if done.num_tokens != len(t.token_ids):
+            raise TransferFailed(f"corrupt final message: {done.num_tokens} tokens, expected {len(t.token_ids)}")
+        if t.peer.transport == "local" and done.lease_id:
+            try:
+                t.peer.stub.Release(pb.ReleaseRequest(lease_id=done.lease_id), timeout=2.0)
+            except grpc.RpcError as exc:  # the lease will expire on its own
+                logger.warning("could not release lease %d on %s: %s", done.lease_id, t.peer.address,
+                               _describe(exc))
+        return done_to_result(done, t.wants_logprobs)
+
+    # ---- health ------------------------------------------------------------------------
+    def _health_loop(self) -> None:
+        while not self._stop.wait(self.policy.health_interval_s):
+            for peer in self.peers:
+                try:
+                    peer.check(self.pool.layout)
+                except Exception:  # keep probing whatever happens
+                    logger.exception("health probe of %s failed", peer.address)

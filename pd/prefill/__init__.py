@@ -1,0 +1,1 @@
+"""pd-prefill: the prefill node."""
