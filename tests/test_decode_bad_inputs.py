@@ -164,3 +164,15 @@ def test_server_is_healthy_after_bad_requests(http):
     assert m["vllm:num_requests_running"] == 0
     assert m["vllm:num_requests_waiting"] == 0
     assert m["pdserve:kv_blocks_free"] == m["pdserve:kv_blocks_total"]
+
+
+@pytest.mark.xfail(strict=True, reason="pdserve:request_errors_total ('Requests rejected or failed, by HTTP "
+                                       "status') is only incremented by the auth dependency in "
+                                       "pd/decode/app.py; 400/404/405/413 rejections are never counted")
+def test_rejected_requests_are_counted_by_status(http):
+    for body in (chat(max_tokens=0), chat(model="gpt-9")):
+        http.post("/v1/chat/completions", json=body, headers=AUTH)
+    m = parse_metrics(http.get("/metrics").text)
+    counted = {k for k, v in m.items() if k.startswith("pdserve:request_errors_total{") and v > 0}
+    assert any('status="400"' in k for k in counted), counted
+    assert any('status="404"' in k for k in counted), counted

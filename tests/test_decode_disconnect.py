@@ -117,6 +117,7 @@ def test_non_streaming_client_timeout_aborts_the_generation(server, http):
         seen_running = False
         while not call.done():
             seen_running = seen_running or metrics(http)["vllm:num_requests_running"] == 1
+            time.sleep(0.02)
         with pytest.raises(httpx.TimeoutException):
             call.result()
     gave_up = time.monotonic()
