@@ -25,7 +25,7 @@ LONG_CONTENT = "hello " * 1100  # > 1024 tokens, < 64 KiB
 def server():
     proc = start_decode_server("--api-key", API_KEY, "--max-request-bytes", str(MAX_BODY))
     yield proc
-    proc.stop()
+    assert proc.stop() == 0, proc.logs()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def server():
     proc = start_decode_server()
     yield proc
-    proc.stop()
+    assert proc.stop() == 0, proc.logs()
 
 
 @pytest.fixture(scope="module")

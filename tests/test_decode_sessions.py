@@ -21,7 +21,7 @@ TURN_2 = [{"role": "user", "content": "And what is the capital of Germany?"}]
 def server():
     proc = start_decode_server("--api-key", KEY_A, "--api-key", KEY_B)
     yield proc
-    proc.stop()
+    assert proc.stop() == 0, proc.logs()
 
 
 @pytest.fixture(scope="module")
