@@ -98,6 +98,9 @@ def prefill_process(conn, max_tokens: int, threads: int) -> None:
     from pd._generated import prefill_pb2_grpc
     from pd.transport.shm import SharedKVBuffer
 
+    from pd.transport.wire import tune_malloc_for_kv_messages
+
+    tune_malloc_for_kv_messages()
     torch.set_num_threads(threads)
     num_blocks = max_tokens // BLOCK_SIZE
     shm = SharedKVBuffer.create(BYTES_PER_TOKEN * max_tokens, name_prefix="pdbench")
@@ -114,8 +117,8 @@ def prefill_process(conn, max_tokens: int, threads: int) -> None:
 
     conn.send((shm.name, shm.size, grpc_port, listener.getsockname()[1]))
     conn.recv()  # the benchmark is done
-    server.stop(grace=None)
-    del pool, kv
+    server.stop(grace=None).wait()
+    del server, pool, kv  # the servicer holds views of the pool
     shm.close()
 
 
@@ -209,7 +212,9 @@ def run(token_counts: list[int], threads: int) -> list[dict]:
     import grpc
     from pd._generated import prefill_pb2_grpc
     from pd.transport.shm import SharedKVBuffer
+    from pd.transport.wire import tune_malloc_for_kv_messages
 
+    tune_malloc_for_kv_messages()
     torch.set_num_threads(threads)
     max_tokens = max(token_counts)
     ctx = mp.get_context("spawn")

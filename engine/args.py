@@ -11,6 +11,11 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    _add_engine_only_args(parser)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (default: the bundled SmolLM2-135M-Instruct)")
     src = model.add_mutually_exclusive_group()
     src.add_argument("--m", "--model", dest="hub_id", metavar="ORG/NAME",
@@ -19,6 +24,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                      help="local Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
     src.add_argument("--f", "--gguf", dest="gguf_file", metavar="FILE", help="GGUF file")
     model.add_argument("--revision", help="hub revision (with --m)")
+
+
+def _add_engine_only_args(parser: argparse.ArgumentParser) -> None:
     eng = parser.add_argument_group("engine")
     eng.add_argument("--dtype", default="auto",
                      help="auto|float32|bfloat16|float16 (auto: bfloat16 on CPUs with native bf16, else float32)")
@@ -56,3 +64,5 @@ def builder_from_args(args: argparse.Namespace) -> EngineBuilder:
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT)
+    for noisy in ("httpx", "httpcore"):  # one line per proxied request is too much at info
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="first decode node's HTTP port")
     p.add_argument("--prefill-port", type=int, default=8000, help="first prefill node's gRPC port")
     p.add_argument("--pin", action="store_true", help="pin each node to its own CPU core (round robin)")
+    p.add_argument("--router", action="store_true", help="start a pd-router in front; nodes register with it")
+    p.add_argument("--router-port", type=int, default=8888)
+    p.add_argument("--policy", default="cache_aware")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--verbose", action="store_true", help="show every node's log lines")
     return p
@@ -102,11 +105,32 @@ def plan(args: argparse.Namespace, extra: list[str]) -> list[Node]:
         if prefill_addrs:
             cmd += ["--pd-url", ",".join(prefill_addrs), "--pd-transport", args.transport]
         nodes.append(Node(f"decode{i}", cmd + extra + decode_extra, "pd-decode ready: "))
+    if args.router:
+        events = f"{args.host}:{args.router_port + 1}"
+        for node in nodes:
+            node.cmd += ["--router-url", events]
+        model_flags = _model_flags(extra)
+        nodes.insert(0, Node("router", [sys.executable, "-m", "pd.router", "--host", args.host, "--port",
+                                        str(args.router_port), "--grpc-port", str(args.router_port + 1),
+                                        "--policy", args.policy] + model_flags, "pd-router ready: "))
     if args.pin:
         for i, node in enumerate(nodes):
             node.cpus = {cpus[i % len(cpus)]}
             node.cmd += ["--threads", "1"]
     return nodes
+
+
+def _model_flags(extra: list[str]) -> list[str]:
+    """The model flags among the pass-through flags (the router loads only the tokenizer)."""
+    out, i = [], 0
+    names = ("--m", "--model", "--w", "--weights-dir", "--f", "--gguf", "--revision")
+    while i < len(extra):
+        if extra[i] in names and i + 1 < len(extra):
+            out += extra[i:i + 2]
+            i += 2
+        else:
+            i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        routers = [n for n in nodes if n.name == "router"]
+        for n in routers:
+            n.start(not args.verbose)
+        _wait_ready(routers, args.startup_timeout)
         prefills = [n for n in nodes if n.name.startswith("prefill")]
         for n in prefills:  # prefill nodes first, so decode nodes find them at start-up
             n.start(not args.verbose)
@@ -126,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         _wait_ready(decodes, args.startup_timeout)
         for n in prefills:
             logger.info("%s: %s", n.name, n.url)
-        urls = " ".join(n.url for n in decodes)
+        urls = routers[0].url if routers else " ".join(n.url for n in decodes)
         print(f"pd-cluster ready: {urls} ({len(prefills)} prefill, {len(decodes)} decode, transport "
-              f"{args.transport})", flush=True)
+              f"{args.transport}{', router' if routers else ''})", flush=True)
         while not stop.is_set():
             dead = [n for n in nodes if n.proc.poll() is not None]
             if dead:

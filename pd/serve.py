@@ -11,7 +11,7 @@ logger = logging.getLogger("pd.serve")
 
 
 async def serve_app(app, state, host: str, port: int, drain_timeout: float, program: str,
-                    log_level: str = "info") -> int:
+                    log_level: str = "info", on_ready=None, on_stop=None) -> int:
     """Serves until SIGTERM/SIGINT; then stops accepting, lets in-flight requests finish for
     up to drain_timeout seconds, stops the engine, and returns 0."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning" if log_level == "info" else log_level,
@@ -35,8 +35,12 @@ async def serve_app(app, state, host: str, port: int, drain_timeout: float, prog
         await task
         return 1
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    if on_ready is not None:
+        on_ready()
     print(f"{program} ready: http://{shown}:{port}/v1 (model {state.model_name})", flush=True)
     await task
+    if on_stop is not None:
+        on_stop()
     engine = getattr(state, "engine", None)
     if engine is not None:
         engine.shutdown()

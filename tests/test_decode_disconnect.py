@@ -91,7 +91,8 @@ async def _stream_then_hang_up(url: str, index: int, num_chunks: int, sem: async
 async def _storm(url: str) -> list[int]:
     rng = random.Random(1234)
     sem = asyncio.Semaphore(CONCURRENCY)
-    plan = [rng.randint(0, MAX_TOKENS + 4) for _ in range(NUM_CLIENTS)]  # a few read to the end
+    # k=0 (hang up on the headers) and k past the end are always in; the rest mostly early.
+    plan = [0, MAX_TOKENS + 4] + [min(int(rng.expovariate(1 / 12)), MAX_TOKENS + 4) for _ in range(NUM_CLIENTS - 2)]
     return await asyncio.gather(*(_stream_then_hang_up(url, i, k, sem) for i, k in enumerate(plan)))
 
 

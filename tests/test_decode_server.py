@@ -117,10 +117,10 @@ def test_stop_string_ends_the_answer_before_it(client):
 
 def test_same_seed_reproduces_a_sampled_answer(client):
     kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Invent a name for a cat."}],
-                  max_tokens=12, temperature=1.0)
+                  max_tokens=8, temperature=1.0)
     first = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
     again = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
-    others = {client.chat.completions.create(seed=s, **kwargs).choices[0].message.content for s in (1, 2, 3)}
+    others = {client.chat.completions.create(seed=s, **kwargs).choices[0].message.content for s in (1, 2)}
     assert again == first
     assert len(others | {first}) > 1, "different seeds never changed the sample"
 
@@ -260,7 +260,7 @@ def test_repeated_long_prompt_reports_cached_tokens(client, http):
 def test_sigterm_drains_an_in_flight_stream_and_exits_zero():
     proc = start_decode_server()
     try:
-        body = {"model": MODEL, "messages": QUESTION, "max_tokens": 48, "ignore_eos": True, "stream": True,
+        body = {"model": MODEL, "messages": QUESTION, "max_tokens": 32, "ignore_eos": True, "stream": True,
                 **GREEDY}
         contents, finish = [], None
         with httpx.Client(timeout=60) as c, c.stream("POST", proc.url + "/chat/completions", json=body) as r:

@@ -207,16 +207,20 @@ def test_request_aborted_mid_prefill_returns_its_blocks(small_engine, corpus_ids
 
 
 def test_preempted_request_aborted_returns_its_blocks(small_engine, corpus_ids):
+    """Two 383-token prompts fill all 48 blocks but one slot each: the first decode that
+    needs a new block preempts the later request."""
     llm = small_engine.llm
     start = llm.stats().num_free_blocks
-    reqs = [llm.make_request(corpus_ids[i * 120:i * 120 + 330], _greedy(40)) for i in range(3)]
+    assert start == SMALL_NUM_BLOCKS
+    n = SMALL_NUM_BLOCKS // 2 * BLOCK_SIZE - 1
+    reqs = [llm.make_request(corpus_ids[i * 300:i * 300 + n], _greedy(40)) for i in range(2)]
     for req in reqs:
         llm.add_request(req)
-    _run_steps_until(llm, lambda: any(r.status == RequestStatus.PREEMPTED for r in reqs))
-    victim = next(r for r in reqs if r.status == RequestStatus.PREEMPTED)
-    assert llm.abort_request(victim.request_id)
-    for req in reqs:
-        llm.abort_request(req.request_id)
+    _run_steps_until(llm, lambda: reqs[1].status == RequestStatus.PREEMPTED)
+    assert reqs[0].status == RequestStatus.RUNNING
+    assert llm.abort_request(reqs[1].request_id)
+    assert llm.stats().num_waiting == 0
+    assert llm.abort_request(reqs[0].request_id)
     assert llm.stats().num_free_blocks == start
     assert not llm.has_unfinished_requests()
 

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from engine.kv_cache.block_pool import BlockPool
 
@@ -45,6 +46,7 @@ class SessionCache:
         self.block_size = block_size
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.num_evicted = 0
+        self.listeners: list[Callable[[str, str], None]] = []  # ("resident" | "evicted", key)
 
     def __contains__(self, key: str) -> bool:
         return key in self.sessions
@@ -70,6 +72,8 @@ class SessionCache:
         self.sessions[key] = Session(key, list(token_ids), list(block_ids))
         if old is not None:
             self.pool.free(reversed(old.block_ids))
+        else:
+            self._emit("resident", key)
 
     def touch(self, key: str) -> None:
         session = self.sessions.get(key)
@@ -82,6 +86,7 @@ class SessionCache:
         if session is None:
             return False
         self.pool.free(reversed(session.block_ids))
+        self._emit("evicted", key)
         return True
 
     def evict_lru(self, keep: str | None = None) -> bool:
@@ -95,6 +100,10 @@ class SessionCache:
                             key, len(session.token_ids), len(session.block_ids), self.pool.num_free_blocks)
                 return True
         return False
+
+    def _emit(self, kind: str, key: str) -> None:
+        for listener in self.listeners:
+            listener(kind, key)
 
     @property
     def num_pinned_blocks(self) -> int:

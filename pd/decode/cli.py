@@ -43,16 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a prefill node with this many queued requests counts as full")
     pd.add_argument("--pd-wire-dtype", default="", choices=["", "float8_e4m3fn"],
                     help="gRPC transport: send KV as fp8 (e4m3, per-message scale)")
+    add_router_args(p)
     add_engine_args(p)
     return p
 
 
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("router")
+    g.add_argument("--router-url", default=None, metavar="HOST:PORT",
+                   help="register with a pd-router (its worker event port) and stream KV/session events to it")
+    g.add_argument("--advertise-host", default=None,
+                   help="host the router should use to reach this node (default: --host, or 127.0.0.1)")
+
+
+def advertised_host(args: argparse.Namespace) -> str:
+    if args.advertise_host:
+        return args.advertise_host
+    return "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+
+
 def build_connector(args: argparse.Namespace):
-    """The PD connector for --pd-url, or None when colocated."""
-    if not args.pd_url:
+    """The PD connector for --pd-url (or a router naming prefill nodes), or None when colocated."""
+    if not args.pd_url and not args.router_url:
         return None
     from pd.decode.pd_connector import DecodeConnector, PDPolicy
-    addresses = [a.strip() for item in args.pd_url for a in item.split(",") if a.strip()]
+    addresses = [a.strip() for item in args.pd_url or [] for a in item.split(",") if a.strip()]
     policy = PDPolicy(min_prompt_tokens=args.pd_min_prompt_tokens, failure=args.pd_failure,
                       first_chunk_timeout_s=args.pd_first_chunk_timeout,
                       transfer_timeout_s=args.pd_transfer_timeout, max_peer_waiting=args.pd_max_peer_waiting,
@@ -105,8 +120,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pd-decode: error: {exc}", file=sys.stderr)
         return 2
     app = create_app(state, args.max_request_bytes)
+    reporter = make_reporter(args, state.engine, "decode", state.model_name)
     return asyncio.run(serve_app(app, state, args.host, args.port, args.drain_timeout, "pd-decode",
-                                 args.log_level))
+                                 args.log_level, on_ready=reporter.start if reporter else None,
+                                 on_stop=reporter.stop if reporter else None))
+
+
+def make_reporter(args: argparse.Namespace, engine, role: str, model_name: str, http_port: int | None = None):
+    """The router event reporter for --router-url, or None."""
+    if not args.router_url:
+        return None
+    import uuid
+    from pd._generated import router_pb2 as rpb
+    from pd.router.reporter import RouterReporter
+    host = advertised_host(args)
+    if role == "decode":
+        address, health = f"http://{host}:{args.port}", f"http://{host}:{args.port}/health"
+    else:
+        address, health = f"{host}:{args.port}", f"http://{host}:{http_port}/health"
+    layout = engine.engine.pool.layout
+    info = rpb.WorkerInfo(node_id=f"{role}-{host}:{args.port}-{uuid.uuid4().hex[:6]}", role=role, address=address,
+                          block_size=layout.block_size, model=model_name, num_blocks=layout.num_blocks,
+                          health_url=health)
+    return RouterReporter(args.router_url, info, engine)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ class DecodeConnector(KVConnector):
     def attach(self, llm, transport: str, connect_timeout_s: float, metrics=None) -> None:
         """Binds the connector to its engine: the fingerprint it offers peers, and metrics."""
         fp, spec = engine_fingerprint(llm), engine_kv_spec(llm)
+        self._fingerprint, self._kv_spec = fp, spec
+        self._transport, self._connect_timeout_s = transport, connect_timeout_s
         self.peers = [PrefillPeer(a, fp, spec, transport, connect_timeout_s) for a in self.addresses]
         self.metrics = metrics
 
@@ -102,9 +104,13 @@ class DecodeConnector(KVConnector):
     # ---- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
         suffix = request.num_tokens - num_computed_tokens
-        if suffix < self.policy.min_prompt_tokens or not self.peers:
+        named = request.extra.get("prefill_node")
+        if named == "none" or suffix < self.policy.min_prompt_tokens:
             return 0
-        peer = self._pick_peer()
+        peer = self._named_peer(named) if named else None
+        if peer is None and not self.peers:
+            return 0
+        peer = peer or self._pick_peer()
         if peer is None:
             self._fallback(request.request_id, "no healthy prefill node with room", count_failure=False)
             return 0
@@ -145,6 +151,18 @@ class DecodeConnector(KVConnector):
     def describe(self) -> dict:
         return {"kind": "decode", "peers": [{"address": p.address, "healthy": p.healthy,
                                              "transport": p.transport} for p in self.peers]}
+
+    def _named_peer(self, address: str) -> PrefillPeer | None:
+        """The prefill node a router chose, connected on first use (in the background)."""
+        with self._lock:
+            peer = next((p for p in self.peers if p.address == address), None)
+            if peer is None:
+                peer = PrefillPeer(address, self._fingerprint, self._kv_spec, self._transport,
+                                   self._connect_timeout_s)
+                self.peers.append(peer)
+                threading.Thread(target=peer.connect, args=(self.pool.layout,), daemon=True).start()
+        usable = peer.healthy and peer.stub is not None and not peer.is_overloaded(self.policy.max_peer_waiting)
+        return peer if usable else None
 
     def _pick_peer(self) -> PrefillPeer | None:
         usable = [p for p in self.peers if p.healthy and p.stub is not None
@@ -300,7 +318,7 @@ class DecodeConnector(KVConnector):
     # ---- health ------------------------------------------------------------------------
     def _health_loop(self) -> None:
         while not self._stop.wait(self.policy.health_interval_s):
-            for peer in self.peers:
+            for peer in list(self.peers):
                 try:
                     peer.check(self.pool.layout)
                 except Exception:  # keep probing whatever happens

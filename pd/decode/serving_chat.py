@@ -30,8 +30,9 @@ async def create_chat_completion(state: NodeState, body: ChatCompletionRequest, 
     except ValueError as exc:
         raise bad_request(f"could not apply the chat template: {exc}", param="messages") from None
     params = body.to_sampling_params(None)
+    extra = routing_hints(raw)
     requests = [state.make_request(prompt_ids, p, "messages",
-                                   session_key=session.engine_key if session and i == 0 else None)
+                                   session_key=session.engine_key if session and i == 0 else None, extra=extra)
                 for i, p in enumerate(seeded_copies(params, body.n))]
     turn = _SessionTurn(state, session, conversation, len(prompt_ids))
     if body.stream:
@@ -39,6 +40,15 @@ async def create_chat_completion(state: NodeState, body: ChatCompletionRequest, 
     choices = await until_disconnected(raw, _collect(state, requests))
     turn.record(choices)
     return _response(state, body, choices, len(prompt_ids))
+
+
+PREFILL_NODE_HEADER = "x-pd-prefill-node"
+
+
+def routing_hints(raw: Request) -> dict:
+    """A router may name the prefill node for this request ("none": prefill locally)."""
+    node = raw.headers.get(PREFILL_NODE_HEADER)
+    return {"prefill_node": node.strip()} if node else {}
 
 
 class _SessionTurn:

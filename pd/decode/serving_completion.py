@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from engine.layers.sampler import TopLogprobs
 from pd.decode.disconnect import until_disconnected
 from pd.decode.generation import ChoiceState, merged_stream, seeded_copies
-from pd.decode.serving_chat import error_event
+from pd.decode.serving_chat import error_event, routing_hints
 from pd.decode.state import NodeState
 from pd.openai.errors import bad_request, internal_error
 from pd.openai.protocol import CompletionRequest, random_id
@@ -31,7 +31,7 @@ async def create_completion(state: NodeState, body: CompletionRequest, api_key: 
     for pi, ids in enumerate(prompt_ids):
         for ci, p in enumerate(seeded_copies(params, body.n)):
             key = session.engine_key if session and pi == 0 and ci == 0 else None
-            requests.append(state.make_request(ids, p, "prompt", session_key=key))
+            requests.append(state.make_request(ids, p, "prompt", session_key=key, extra=routing_hints(raw)))
             echoes.append(state.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else "")
     num_prompt = sum(len(ids) for ids in prompt_ids)
     if body.stream:

@@ -16,7 +16,7 @@ from engine.args import add_engine_args, builder_from_args, setup_logging
 from engine.async_engine import AsyncEngine
 from pd._generated import prefill_pb2 as pb
 from pd._generated import prefill_pb2_grpc as pb_grpc
-from pd.decode.cli import default_model_name
+from pd.decode.cli import add_router_args, default_model_name, make_reporter
 from pd.prefill.connector import PrefillConnector
 from pd.prefill.metrics import PrefillMetrics
 from pd.prefill.service import DEFAULT_MAX_MESSAGE_BYTES, PrefillServicer
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="upper bound of one KV message on the gRPC transport")
     p.add_argument("--drain-timeout", type=float, default=10.0)
+    add_router_args(p)
     add_engine_args(p)
     p.set_defaults(max_num_batched_tokens=4096)
     return p
@@ -105,9 +106,14 @@ class PrefillNode:
         while not http.started and not http_task.done():
             await asyncio.sleep(0.05)
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        reporter = make_reporter(args, self.engine, "prefill", self.model_name, http_port)
+        if reporter is not None:
+            reporter.start()
         print(f"pd-prefill ready: grpc://{shown}:{bound} (health http://{shown}:{http_port}/health, "
               f"model {self.model_name})", flush=True)
         await stop.wait()
+        if reporter is not None:
+            reporter.stop()
         logger.info("stopping: finishing in-flight prefills (up to %.0f s)", args.drain_timeout)
         self.draining = True
         await server.stop(args.drain_timeout)

@@ -1,0 +1,1 @@
+"""pd-router: routing across prefill and decode nodes, residency index, simulator."""

@@ -1,0 +1,5 @@
+import sys
+
+from pd.router.cli import main
+
+sys.exit(main())
