@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queued requests beyond which new ones get 429 (default 4 x max-num-seqs)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight work")
+    p.add_argument("--no-session-cache", action="store_true",
+                   help="don't keep sessions' KV resident between turns (history is still kept)")
     pd = p.add_argument_group("prefill/decode disaggregation")
     pd.add_argument("--pd-url", action="append", default=None, metavar="HOST:PORT[,HOST:PORT...]",
                     help="prefill node(s); without it the node serves colocated")
@@ -102,7 +104,7 @@ def build_state(args: argparse.Namespace, role: str = "decode") -> NodeState:
     keys = frozenset(args.api_key or ([os.environ["PDSERVE_API_KEY"]] if os.environ.get("PDSERVE_API_KEY") else []))
     return NodeState(engine=engine, tokenizer=llm.tokenizer, model_name=name, max_model_len=llm.max_model_len,
                      metrics=metrics, api_keys=keys, max_waiting=args.max_waiting or 4 * args.max_num_seqs,
-                     role=role)
+                     role=role, session_cache=not args.no_session_cache)
 
 
 def _session_metrics(llm) -> dict:

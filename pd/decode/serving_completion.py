@@ -30,7 +30,7 @@ async def create_completion(state: NodeState, body: CompletionRequest, api_key: 
     requests, echoes = [], []
     for pi, ids in enumerate(prompt_ids):
         for ci, p in enumerate(seeded_copies(params, body.n)):
-            key = session.engine_key if session and pi == 0 and ci == 0 else None
+            key = state.session_key(session) if pi == 0 and ci == 0 else None
             requests.append(state.make_request(ids, p, "prompt", session_key=key, extra=routing_hints(raw)))
             echoes.append(state.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else "")
     num_prompt = sum(len(ids) for ids in prompt_ids)

@@ -27,6 +27,11 @@ class NodeState:
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     role: str = "decode"
+    session_cache: bool = True  # keep a session's KV resident between turns
+
+    def session_key(self, session) -> str | None:
+        """The engine's session-cache key for a session (None: sessions only keep history)."""
+        return session.engine_key if session is not None and self.session_cache else None
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
