@@ -80,10 +80,15 @@ class PrefillPeer:
         return True
 
     def _map_local(self, reply: pb.HandshakeResponse, layout):
-        from pd.transport.shm import SharedKVBuffer
+        """Maps the peer's KV pool once: POSIX shared memory on CPU, CUDA IPC on GPU."""
         pool = reply.local_pool
-        shm = SharedKVBuffer.attach(pool.name, pool.size_bytes)
-        view = shm.tensor().view(layout.dtype)
+        if pool.kind == "cuda_ipc":
+            from pd.transport.cuda_ipc import import_handle
+            shm, view = None, import_handle(pool.cuda_ipc_handle).reshape(-1)
+        else:
+            from pd.transport.shm import SharedKVBuffer
+            shm = SharedKVBuffer.attach(pool.name, pool.size_bytes)
+            view = shm.tensor().view(layout.dtype)
         per_block = layout.bytes_per_block // layout.itemsize
         view = view[:per_block * pool.num_blocks].view(
             layout.num_layers, 2, pool.num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim)

@@ -60,6 +60,11 @@ class PrefillNode:
         if self.shm is not None:
             local = pb.LocalPool(kind="shm", name=self.shm.name, size_bytes=self.shm.size,
                                  num_blocks=llm.pool.layout.num_blocks, device="cpu")
+        elif not args.no_local_transport and args.device.startswith("cuda"):
+            from pd.transport.cuda_ipc import export_handle  # GPU only: CUDA IPC over the same protocol
+            local = pb.LocalPool(kind="cuda_ipc", cuda_ipc_handle=export_handle(llm.pool.data),
+                                 size_bytes=llm.pool.layout.total_bytes, num_blocks=llm.pool.layout.num_blocks,
+                                 device=args.device)
         self.servicer = PrefillServicer(self.engine, self.connector, local, args.max_message_bytes, self.metrics)
         self.draining = False
 

@@ -3,6 +3,10 @@
 A chunk holds one layer's keys or values for a token range, [num_tokens, kv_heads,
 head_dim], row-major and little-endian. It travels either in the KV cache dtype (raw
 bytes, bit-exact) or as float8_e4m3fn with one scale per message (real = stored * scale).
+
+The raw paths copy through numpy (one single-threaded memcpy per direction, even for
+strided tensors): no torch kernel, so no OpenMP team to wake and no stall when the
+engine's own threads hold the cores.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import ctypes.util
 import math
 import sys
 
+import numpy as np
 import torch
 
 FP8_NAME = "float8_e4m3fn"
@@ -23,6 +28,8 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     FP8_NAME: torch.float8_e4m3fn,
 }
 _NAMES_BY_DTYPE = {dtype: name for name, dtype in DTYPE_NAMES.items()}
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # same-size types numpy understands
+_FP8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
 
 if sys.byteorder != "little":
     raise ImportError("pd.transport.wire sends raw little-endian tensor bytes; "
@@ -43,9 +50,9 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise ValueError(f"KV dtype {dtype} cannot be sent; use one of {sorted(DTYPE_NAMES)}") from None
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    # one copy for a contiguous tensor: the uint8 view shares memory, tobytes() copies it
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of t's bits (same strides), as an integer type of t's item size."""
+    return t.view(_BITS[t.element_size()]).numpy()
 
 
 def _quantize_fp8(t: torch.Tensor) -> tuple[bytes, float]:
@@ -56,16 +63,7 @@ def _quantize_fp8(t: torch.Tensor) -> tuple[bytes, float]:
                          "send it in the KV dtype (wire_dtype='')")
     scale = amax / FP8_MAX if amax > 0 else torch.ones((), dtype=torch.float32)
     q = x.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return _raw_bytes(q), float(scale)  # scale is a float32 value: exact in the proto float
-
-
-_FP8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
-
-
-def _dequantize_fp8(codes: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    # a 256-entry table lookup is ~5x faster on CPU than torch's fp8 -> float cast
-    table = (_FP8_VALUES * torch.tensor(scale, dtype=torch.float32)).to(out_dtype)
-    return table.index_select(0, codes.flatten().int()).view(codes.shape)
+    return _bits(q).tobytes(), float(scale)  # scale is a float32 value: exact in the proto float
 
 
 def encode_kv(t: torch.Tensor, wire_dtype: str | None) -> tuple[bytes, float]:
@@ -81,10 +79,46 @@ def encode_kv(t: torch.Tensor, wire_dtype: str | None) -> tuple[bytes, float]:
     if t.device.type != "cpu":
         t = t.cpu()
     if not wire_dtype or dtype_from_name(wire_dtype) == t.dtype:
-        return _raw_bytes(t), 1.0
+        return _bits(t).tobytes(), 1.0  # one C-order copy, strided or not
     if wire_dtype == FP8_NAME:
         return _quantize_fp8(t)
-    return _raw_bytes(t.to(dtype_from_name(wire_dtype))), 1.0
+    return _bits(t.to(dtype_from_name(wire_dtype))).tobytes(), 1.0
+
+
+def _check_length(data: bytes, shape: tuple[int, ...], wire: torch.dtype) -> None:
+    expected = math.prod(shape) * wire.itemsize
+    if len(data) != expected:
+        raise ValueError(f"corrupt KV chunk: {len(data)} bytes, expected {expected} for shape "
+                         f"{tuple(shape)} in {dtype_name(wire)}; the peer is incompatible or the stream broke")
+
+
+def _fp8_table(scale: float, out_dtype: torch.dtype) -> np.ndarray:
+    """The 256 fp8 codes dequantized to out_dtype, as bit patterns."""
+    values = (_FP8_VALUES * torch.tensor(scale, dtype=torch.float32)).to(out_dtype)
+    return _bits(values)
+
+
+def decode_kv_into(data: bytes, wire_dtype: str, scale: float, out: torch.Tensor) -> None:
+    """Decode a chunk straight into `out` (a [n, kv_heads, head_dim] CPU view, e.g. pool
+    slots): one pass, no intermediate tensor when out holds the wire dtype or fp8 is
+    dequantized. Raises ValueError when the byte count does not match out's shape."""
+    wire = dtype_from_name(wire_dtype) if wire_dtype else out.dtype
+    _check_length(data, out.shape, wire)
+    if out.numel() == 0:
+        return
+    src = np.frombuffer(data, dtype=np.uint8)  # read-only view of the message bytes
+    dst = _bits(out)
+    if wire == torch.float8_e4m3fn:
+        table = _fp8_table(scale, out.dtype)
+        if dst.flags.c_contiguous:
+            np.take(table, src.reshape(dst.shape), out=dst, mode="clip")
+        else:
+            dst[...] = table[src.reshape(dst.shape)]
+    elif wire == out.dtype:
+        dst[...] = src.view(dst.dtype).reshape(dst.shape)
+    else:
+        converted = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(wire).view(out.shape)
+        out.copy_(converted)
 
 
 def decode_kv(data: bytes, wire_dtype: str, scale: float, shape: tuple[int, int, int],
@@ -92,21 +126,12 @@ def decode_kv(data: bytes, wire_dtype: str, scale: float, shape: tuple[int, int,
     """Inverse of encode_kv: a new [n, kv_heads, head_dim] tensor of out_dtype.
 
     wire_dtype "" means the bytes are already in out_dtype. Raises ValueError when the
-    byte count does not match the shape.
+    byte count does not match the shape. Prefer decode_kv_into when the destination
+    exists (it saves a copy).
     """
-    wire = dtype_from_name(wire_dtype) if wire_dtype else out_dtype
-    expected = math.prod(shape) * wire.itemsize
-    if len(data) != expected:
-        raise ValueError(f"corrupt KV chunk: {len(data)} bytes, expected {expected} for shape "
-                         f"{tuple(shape)} in {dtype_name(wire)}; the peer is incompatible or the stream broke")
-    if expected == 0:
-        return torch.empty(shape, dtype=out_dtype)
-    # bytes are immutable; a bytearray copy gives torch a writable buffer (no warning)
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    if wire == torch.float8_e4m3fn:
-        return _dequantize_fp8(raw.view(shape), scale, out_dtype)
-    t = raw.view(wire).view(shape)
-    return t if wire == out_dtype else t.to(out_dtype)
+    out = torch.empty(shape, dtype=out_dtype)
+    decode_kv_into(data, wire_dtype, scale, out)
+    return out
 
 
 def split_token_ranges(start: int, num_tokens: int, bytes_per_token: int,
@@ -129,15 +154,15 @@ def tune_malloc_for_kv_messages(mmap_threshold: int = 32 << 20, trim_threshold: 
     """Let glibc reuse freed MiB-sized buffers instead of mmap()ing fresh pages for each.
 
     Every KV message allocates several MiB-sized buffers (protobuf arena, serialized
-    bytes, gRPC slices). By default glibc serves them with new mappings whose first-touch
-    page faults cost more than the copies themselves (about 20x per 1 MiB message in a
-    VM). Call once per process at startup; the process keeps up to trim_threshold of
-    freed heap. Same effect as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:
-    glibc.malloc.trim_threshold=... . Returns False where libc is not glibc.
+    bytes, gRPC slices). By default glibc may serve them with new mappings whose
+    first-touch page faults cost more than the copies (measured ~20x per 1 MiB message
+    in a VM). Call once per process at startup; the process then keeps up to
+    trim_threshold bytes of freed heap. Same effect as the environment variable
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824.
+    Returns False where libc is not glibc.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
