@@ -6,10 +6,11 @@ KV of the bundled model's shape (30 layers, 3 kv heads, head_dim 64, bfloat16: 2
 bytes per token) moves from a "prefill" process to this "decode" process:
   raw TCP  loopback socket, 1 MiB sends, received with recv_into a preallocated buffer
   gRPC     PrefillService.Prefill streaming KVChunk messages (encode_kv per layer, split
-           with split_token_ranges at 1 MiB or 4 MiB), decode_kv'd into a preallocated pool
+           with split_token_ranges at 1 MiB or 4 MiB), decode_kv_into a preallocated pool
   shm      the prefill process writes a paged pool in a SharedKVBuffer; this process
-           attaches and copies the request's blocks into its own pool with
-           index_select / index_copy_ per layer
+           attaches and copies the request's blocks (random block tables on both sides,
+           the worst case) into its own pool per layer with shm.copy_blocks; "shm idx" is
+           the same copy with index_select / index_copy_, for reference
   memcpy   torch copy_ of the same number of bytes between two preallocated tensors
 Each figure is the best of 3 runs after a warm-up. Targets: gRPC >= 50% of raw TCP,
 shm >= 50% of memcpy.
@@ -142,7 +143,7 @@ def raw_tcp_seconds(port: int, num_bytes: int) -> float:
 
 def grpc_seconds(stub, num_tokens: int, max_message_bytes: int, dst: torch.Tensor) -> float:
     from pd._generated import prefill_pb2 as pb
-    from pd.transport.wire import decode_kv
+    from pd.transport.wire import decode_kv_into
 
     request = pb.PrefillRequest(request_id=str(max_message_bytes), token_ids=range(num_tokens),
                                 transport="grpc", wire_dtype="")
@@ -152,25 +153,31 @@ def grpc_seconds(stub, num_tokens: int, max_message_bytes: int, dst: torch.Tenso
             if msg.WhichOneof("payload") != "kv":
                 continue
             c = msg.kv
-            shape = (c.num_tokens, NUM_KV_HEADS, HEAD_DIM)
-            dst[c.layer, 0, c.start:c.start + c.num_tokens] = decode_kv(c.k, c.wire_dtype, c.k_scale, shape, DTYPE)
-            dst[c.layer, 1, c.start:c.start + c.num_tokens] = decode_kv(c.v, c.wire_dtype, c.v_scale, shape, DTYPE)
+            decode_kv_into(c.k, c.wire_dtype, c.k_scale, dst[c.layer, 0, c.start:c.start + c.num_tokens])
+            decode_kv_into(c.v, c.wire_dtype, c.v_scale, dst[c.layer, 1, c.start:c.start + c.num_tokens])
 
     return best_time(receive)
 
 
-def shm_seconds(src_blocks: torch.Tensor, dst_blocks: torch.Tensor, num_tokens: int) -> float:
+def shm_seconds(src_blocks: torch.Tensor, dst_blocks: torch.Tensor, num_tokens: int,
+                use_index_copy: bool = False) -> float:
+    from pd.transport.shm import copy_blocks
+
     gen = torch.Generator().manual_seed(num_tokens)
     num_blocks = num_tokens // BLOCK_SIZE
     src_ids = torch.randperm(src_blocks.shape[2], generator=gen)[:num_blocks]
     dst_ids = torch.randperm(dst_blocks.shape[2], generator=gen)[:num_blocks]
 
-    def copy_blocks() -> None:
+    def copy_request() -> None:
         for layer in range(NUM_LAYERS):
-            dst_blocks[layer].index_copy_(1, dst_ids, src_blocks[layer].index_select(1, src_ids))
+            if use_index_copy:
+                dst_blocks[layer].index_copy_(1, dst_ids, src_blocks[layer].index_select(1, src_ids))
+            else:
+                copy_blocks(src_blocks[layer], dst_blocks[layer], src_ids, dst_ids)
 
-    seconds = best_time(copy_blocks)
-    assert torch.equal(dst_blocks[NUM_LAYERS - 1, :, dst_ids[-1]], src_blocks[NUM_LAYERS - 1, :, src_ids[-1]])
+    dst_blocks.zero_()
+    seconds = best_time(copy_request)
+    assert torch.equal(dst_blocks[:, :, dst_ids], src_blocks[:, :, src_ids])
     return seconds
 
 
@@ -192,7 +199,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"\nKV transfer, {BYTES_PER_TOKEN:,} bytes/token ({NUM_LAYERS} layers x k,v x "
           f"{NUM_KV_HEADS} heads x {HEAD_DIM} dim x bf16), MB/s = 1e6 bytes/s, best of {REPEATS}\n")
     head = (f"{'tokens':>6} {'MB':>7} | {'raw TCP':>8} {'gRPC 1M':>8} {'gRPC 4M':>8} {'best':>4} "
-            f"{'gRPC/TCP':>8} {'>=50%':>5} | {'memcpy':>8} {'shm':>8} {'shm/mem':>7} {'>=50%':>5}")
+            f"{'gRPC/TCP':>8} {'>=50%':>5} | {'memcpy':>8} {'shm':>8} {'shm idx':>8} {'shm/mem':>7} {'>=50%':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -201,7 +208,7 @@ def print_table(rows: list[dict]) -> None:
         s_ratio = r["shm"] / r["memcpy"]
         print(f"{r['tokens']:>6} {r['bytes'] / MB:>7.1f} | {r['tcp']:>8.0f} "
               f"{r['grpc'][1 << 20]:>8.0f} {r['grpc'][4 << 20]:>8.0f} {best_mb >> 20:>3}M "
-              f"{g_ratio:>8.0%} {verdict(g_ratio):>5} | {r['memcpy']:>8.0f} {r['shm']:>8.0f} "
+              f"{g_ratio:>8.0%} {verdict(g_ratio):>5} | {r['memcpy']:>8.0f} {r['shm']:>8.0f} {r['shm_idx']:>8.0f} "
               f"{s_ratio:>7.0%} {verdict(s_ratio):>5}")
     totals = {m: sum(r["bytes"] / r["grpc"][m] for r in rows) for m in MESSAGE_SIZES}
     print(f"\ngRPC configuration: {min(totals, key=totals.get) >> 20} MiB messages "
@@ -242,6 +249,7 @@ def run(token_counts: list[int], threads: int) -> list[dict]:
                          for m in MESSAGE_SIZES},
                 "memcpy": rate(num_bytes, memcpy_seconds(mem_src, mem_dst, num_bytes)),
                 "shm": rate(num_bytes, shm_seconds(src_blocks, dst_blocks, num_tokens)),
+                "shm_idx": rate(num_bytes, shm_seconds(src_blocks, dst_blocks, num_tokens, True)),
             })
         del src_blocks
     channel.close()

@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 COMPOSE_FILE = Path(__file__).resolve().with_name("docker-compose.yml")
+DOCKERFILE = Path(__file__).resolve().with_name("Dockerfile")
 
 PREFILL_NS, DECODE_NS = "pd-prefill-ns", "pd-decode-ns"
 # 10.213.7.0/24, split in two /30 links: prefill <-> decode (shaped), host <-> decode.
@@ -79,6 +80,15 @@ def compose_healthcheck(compose: dict, service: str) -> list[str]:
     if not isinstance(test, list) or test[0] != "CMD":
         raise ValueError(f"service {service!r}: healthcheck test must be [\"CMD\", ...]")
     return [str(a) for a in test[1:]]
+
+
+def dockerfile_healthcheck(path: str | os.PathLike = DOCKERFILE) -> list[str]:
+    """The argv of a Dockerfile's exec-form HEALTHCHECK (`HEALTHCHECK [options] CMD [...]`)."""
+    text = Path(path).read_text()
+    m = re.search(r"^HEALTHCHECK\b(?:[^\n]*\\\n)*?[^\n]*?\bCMD (\[.*?\])\s*$", text, re.M)
+    if not m:
+        raise ValueError(f"{path}: no exec-form HEALTHCHECK")
+    return json.loads(m.group(1))
 
 
 def replace_hosts(argv: list[str], hosts: dict[str, str]) -> list[str]:
@@ -423,7 +433,7 @@ def long_prompt(seed: int, words: int) -> str:
     out = [f"Story {seed}:"]
     i = 0
     while len(out) < words:
-        out += f"The {colours[(seed + i) % 8]} {things[(seed * 3 + i) % 8]} number {seed * 1000 + i} stood quietly.".split()
+        out += f"The {colours[(seed + i) % 8]} {things[(seed * 3 + i) % 8]} number {i} stood quietly.".split()
         i += 1
     return " ".join(out[:words]) + "\nSummarize the story above in one sentence."
 

@@ -23,12 +23,15 @@ def create_app(state: NodeState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
 
+    @app.middleware("http")
+    async def count_errors(request: Request, call_next):
+        response = await call_next(request)
+        if response.status_code >= 400:
+            state.metrics.error(response.status_code)
+        return response
+
     def auth(request: Request) -> str | None:
-        try:
-            return state.authenticate(request)
-        except OpenAIError as exc:
-            state.metrics.error(exc.status_code)
-            raise
+        return state.authenticate(request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request, api_key: str | None = Depends(auth)):

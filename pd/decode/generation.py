@@ -94,4 +94,4 @@ def seeded_copies(params, n: int) -> list:
     """n sampling params for n choices: a given seed becomes seed, seed+1, ... so choices differ."""
     if params.seed is None:
         return [params] * n
-    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+    return [dataclasses.replace(params, seed=(params.seed + i) % 2**64) for i in range(n)]

@@ -32,7 +32,8 @@ async def create_chat_completion(state: NodeState, body: ChatCompletionRequest, 
     params = body.to_sampling_params(None)
     extra = routing_hints(raw)
     requests = [state.make_request(prompt_ids, p, "messages",
-                                   session_key=state.session_key(session) if i == 0 else None, extra=extra)
+                                   session_key=state.session_key(session) if i == 0 else None, extra=extra,
+                                   api_key=api_key)
                 for i, p in enumerate(seeded_copies(params, body.n))]
     turn = _SessionTurn(state, session, conversation, len(prompt_ids))
     if body.stream:

@@ -31,7 +31,8 @@ async def create_completion(state: NodeState, body: CompletionRequest, api_key: 
     for pi, ids in enumerate(prompt_ids):
         for ci, p in enumerate(seeded_copies(params, body.n)):
             key = state.session_key(session) if pi == 0 and ci == 0 else None
-            requests.append(state.make_request(ids, p, "prompt", session_key=key, extra=routing_hints(raw)))
+            requests.append(state.make_request(ids, p, "prompt", session_key=key, extra=routing_hints(raw),
+                                               api_key=api_key))
             echoes.append(state.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else "")
     num_prompt = sum(len(ids) for ids in prompt_ids)
     if body.stream:

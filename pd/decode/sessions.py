@@ -22,6 +22,12 @@ def key_namespace(api_key: str | None) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
+def cache_salt(api_key: str | None) -> bytes:
+    """Prefix-cache salt of an API key (b"" without keys): the first block hash of every
+    request includes it, so requests of different keys never hit each other's blocks."""
+    return key_namespace(api_key).encode() if api_key else b""
+
+
 @dataclass
 class SessionState:
     engine_key: str

@@ -10,7 +10,7 @@ from fastapi import Request
 from engine.async_engine import AsyncEngine
 from engine.tokenizer import Tokenizer
 from pd.decode.metrics import ServingMetrics
-from pd.decode.sessions import SessionStore
+from pd.decode.sessions import SessionStore, cache_salt
 from pd.openai.errors import OpenAIError, bad_request, not_found_model, overloaded, unauthorized
 
 
@@ -58,10 +58,12 @@ class NodeState:
             raise unauthorized("invalid API key")
         return token.strip()
 
-    def make_request(self, prompt_ids: list[int], params, param_name: str, **kwargs):
-        """Engine request for a prompt; user-caused problems become 400s naming `param_name`."""
+    def make_request(self, prompt_ids: list[int], params, param_name: str, api_key: str | None = None,
+                     **kwargs):
+        """Engine request for a prompt; user-caused problems become 400s naming `param_name`.
+        Prefix-cache entries are salted per API key, so keys never share cached KV."""
         try:
-            return self.engine.make_request(prompt_ids, params, **kwargs)
+            return self.engine.make_request(prompt_ids, params, cache_salt=cache_salt(api_key), **kwargs)
         except ValueError as exc:
             raise bad_request(str(exc), param=param_name) from None
 

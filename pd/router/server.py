@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from engine.kv_cache.prefix_hash import chain_hashes
 from engine.tokenizer import Tokenizer
 from pd.decode.serving_chat import PREFILL_NODE_HEADER
-from pd.decode.sessions import SessionStore
+from pd.decode.sessions import SessionStore, cache_salt
 from pd.openai.errors import OpenAIError, bad_request, install_error_handlers, overloaded
 from pd.router.metrics import RouterMetrics
 from pd.router.policy import Policy, RouteRequest
@@ -117,7 +117,7 @@ def _route_request(state: RouterState, body: dict, path: str, api_key: str | Non
     bs = state.registry.block_size
     session_id = body.get("session_id")
     key = SessionStore.engine_key(api_key, session_id) if isinstance(session_id, str) and session_id else None
-    return RouteRequest(chain_hashes(ids, bs), len(ids), bs, key)
+    return RouteRequest(chain_hashes(ids, bs, cache_salt(api_key)), len(ids), bs, key)
 
 
 def _plain(message) -> dict:
