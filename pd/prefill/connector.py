@@ -109,7 +109,7 @@ class PrefillConnector(KVConnector):
             sink = sinks.get(s.request.request_id)
             if sink is not None:
                 end = s.start + s.num_new_tokens
-                sink.step_range = (min(sink.sent_upto, s.start), end)
+                sink.step_range = (sink.sent_upto, end)
                 self._step.append((s.request.request_id, sink))
 
     def on_layer_done(self, layer_index: int) -> None:
