@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import socket
 import struct
 import threading
@@ -47,18 +48,34 @@ def pool_shape(num_blocks: int) -> tuple[int, ...]:
     return (NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
 
 
-def best_times(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Seconds of the fastest of `repeats` calls of each function, after one warm-up call
-    each (page faults, connections, caches); the rounds go over all functions in turn."""
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """CPU time of every thread of these processes, from the scheduler's ns counters."""
+    total = 0
+    for pid in pids:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # the thread ended meanwhile
+    return total / 1e9
+
+
+def best_times(runs: dict[str, Callable[[], None]], repeats: int,
+               pids: tuple[int, ...]) -> dict[str, tuple[float, float]]:
+    """(fastest wall seconds, mean CPU seconds of both processes) over `repeats` calls of
+    each function, after one warm-up call each (page faults, connections, caches). The
+    rounds go over all functions in turn, so a busy machine slows them alike."""
     for fn in runs.values():
         fn()
-    best = dict.fromkeys(runs, float("inf"))
+    best, cpu = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, 0.0)
     for _ in range(repeats):
         for name, fn in runs.items():
-            start = time.perf_counter()
+            cpu_start, start = cpu_seconds(pids), time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            cpu[name] += (cpu_seconds(pids) - cpu_start) / repeats
+    return {name: (best[name], cpu[name]) for name in runs}
 
 
 # ---- the prefill-side process ----------------------------------------------------------------
@@ -191,14 +208,15 @@ def shm_copy(src_blocks: torch.Tensor, dst_blocks: torch.Tensor, src_ids: torch.
 def block_tables(num_tokens: int, num_src: int, num_dst: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(num_tokens)
     n = num_tokens // BLOCK_SIZE
-    return {"random": (torch.randperm(num_src, generator=gen)[:n], torch.randperm(num_dst, generator=gen)[:n]),
-            "seq": (torch.arange(n), torch.arange(num_dst - n, num_dst))}
+    half = num_dst // 2  # the two tables write disjoint halves of the destination pool
+    return {"random": (torch.randperm(num_src, generator=gen)[:n], torch.randperm(half, generator=gen)[:n]),
+            "seq": (torch.arange(n), torch.arange(half, half + n))}
 
 
 def measure_size(num_tokens: int, stub, tcp_port: int, src_blocks: torch.Tensor, dst_blocks: torch.Tensor,
-                 mem: tuple[torch.Tensor, torch.Tensor], repeats: int) -> dict:
+                 dst_slots: torch.Tensor, mem: tuple[torch.Tensor, torch.Tensor], repeats: int,
+                 pids: tuple[int, ...]) -> dict:
     num_bytes = num_tokens * BYTES_PER_TOKEN
-    dst_slots = dst_blocks.view(NUM_LAYERS, 2, -1, NUM_KV_HEADS, HEAD_DIM)
     tables = block_tables(num_tokens, src_blocks.shape[2], dst_blocks.shape[2])
     runs = {"tcp": raw_tcp_receive(tcp_port, num_bytes),
             **{f"grpc{m >> 20}M": grpc_receive(stub, num_tokens, m, dst_slots) for m in MESSAGE_SIZES},
@@ -207,17 +225,32 @@ def measure_size(num_tokens: int, stub, tcp_port: int, src_blocks: torch.Tensor,
             "shm": shm_copy(src_blocks, dst_blocks, *tables["random"]),
             "shm_seq": shm_copy(src_blocks, dst_blocks, *tables["seq"]),
             "shm_idx": shm_copy(src_blocks, dst_blocks, *tables["random"], use_index_copy=True)}
-    seconds = best_times(runs, repeats)
+    times = best_times(runs, repeats, pids)
     for src_ids, dst_ids in tables.values():
         assert torch.equal(dst_blocks[:, :, dst_ids], src_blocks[:, :, src_ids]), "shm copy is wrong"
     return {"tokens": num_tokens, "bytes": num_bytes,
-            **{name: num_bytes / s / MB for name, s in seconds.items()}}
+            **{name: num_bytes / wall / MB for name, (wall, _) in times.items()},
+            "cpu": {name: cpu / (num_bytes / 1e9) for name, (_, cpu) in times.items()}}
 
 
 # ---- report -----------------------------------------------------------------------------------
 
 def verdict(ratio: float) -> str:
     return "PASS" if ratio >= 0.5 else "FAIL"
+
+
+def print_cpu_table(rows: list[dict]) -> None:
+    """CPU ms per GB moved, both processes, all threads (mean of the runs). It varies less
+    than throughput when other programs share the cores, though OpenMP spin-waits still
+    inflate the torch-threaded columns (memcpy, idx)."""
+    names = ["tcp", "grpc1M", "grpc4M", "pb", "memcpy", "shm", "shm_seq", "shm_idx"]
+    print(f"\nCPU ms per GB (both processes){'':>4}" + "".join(f"{n:>8}" for n in names)
+          + f"{'TCP/gRPC':>9}{'mem/shm':>8}")
+    for r in rows:
+        cpu = r["cpu"]
+        grpc_cpu = min(cpu["grpc1M"], cpu["grpc4M"])
+        print(f"{r['tokens']:>6} tokens{'':>24}" + "".join(f"{cpu[n] * 1e3:>8.0f}" for n in names)
+              + f"{cpu['tcp'] / grpc_cpu:>9.0%}{cpu['memcpy'] / cpu['shm']:>8.0%}")
 
 
 def print_table(rows: list[dict], repeats: int) -> None:
@@ -235,6 +268,7 @@ def print_table(rows: list[dict], repeats: int) -> None:
               f"{r['grpc4M']:>7.0f} {r['pb']:>6.0f} {g_ratio:>8.0%} {verdict(g_ratio):>5} | "
               f"{r['memcpy']:>6.0f} {r['shm']:>6.0f} {r['shm_seq']:>6.0f} {r['shm_idx']:>6.0f} "
               f"{s_ratio:>7.0%} {verdict(s_ratio):>5}")
+    print_cpu_table(rows)
     totals = {m: sum(r["bytes"] / r[f"grpc{m >> 20}M"] for r in rows) for m in MESSAGE_SIZES}
     print(f"gRPC configuration: {min(totals, key=totals.get) >> 20} MiB messages (least total time), "
           "max send/receive message length 16 MiB, wire.kv_chunk_message serializer, glibc malloc "
@@ -258,13 +292,17 @@ def run(token_counts: list[int], threads: int, repeats: int) -> list[dict]:
     peer.start()
     shm_name, shm_size, grpc_port, tcp_port = conn.recv()
 
-    dst_blocks = torch.zeros(pool_shape(2 * max_tokens // BLOCK_SIZE), dtype=DTYPE)  # our own pool
-    mem = torch.ones(BYTES_PER_TOKEN * max_tokens, dtype=torch.uint8), torch.zeros(BYTES_PER_TOKEN * max_tokens, dtype=torch.uint8)
+    dst_blocks = torch.zeros(pool_shape(2 * max_tokens // BLOCK_SIZE), dtype=DTYPE)  # our own pools
+    dst_slots = torch.zeros(NUM_LAYERS, 2, max_tokens, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE)
+    num_bytes = BYTES_PER_TOKEN * max_tokens
+    mem = torch.ones(num_bytes, dtype=torch.uint8), torch.zeros(num_bytes, dtype=torch.uint8)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=GRPC_OPTIONS)
     stub = prefill_pb2_grpc.PrefillServiceStub(channel)
     with SharedKVBuffer.attach(shm_name, shm_size) as shm:
         src_blocks = shm.tensor(DTYPE).view(pool_shape(max_tokens // BLOCK_SIZE))
-        rows = [measure_size(n, stub, tcp_port, src_blocks, dst_blocks, mem, repeats) for n in token_counts]
+        pids = (os.getpid(), peer.pid)
+        rows = [measure_size(n, stub, tcp_port, src_blocks, dst_blocks, dst_slots, mem, repeats, pids)
+                for n in token_counts]
         del src_blocks
     channel.close()
     conn.send("done")

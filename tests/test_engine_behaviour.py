@@ -74,11 +74,19 @@ def corpus_ids(engine_fp32: Engine) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def small_engine() -> Engine:
-    """Chunked prefill with a 128-token step budget and a KV pool far smaller than the load."""
+def small_engine_module() -> Engine:
     return (EngineBuilder(ModelRepo.bundled()).dtype("float32")
             .scheduler(max_num_seqs=16, max_num_batched_tokens=128, max_model_len=1024)
             .cache(num_blocks_override=SMALL_NUM_BLOCKS).build())
+
+
+@pytest.fixture
+def small_engine(small_engine_module: Engine) -> Iterator[Engine]:
+    """Chunked prefill with a 128-token step budget and a KV pool far smaller than the load;
+    left with no request behind, whatever the test did."""
+    yield small_engine_module
+    leftover = _idle_leftovers(small_engine_module.llm)
+    assert not leftover, f"the test left requests in the small engine: {leftover}"
 
 
 @pytest.fixture(scope="module")

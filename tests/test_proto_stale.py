@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("grpc_tools")
 
-from pd.tools.gen_proto import DEFAULT_OUT, generate  # noqa: E402
+from pd.tools.gen_proto import DEFAULT_OUT, generate, make_imports_relative  # noqa: E402
 
 
 def test_committed_stubs_equal_freshly_generated_ones(tmp_path: Path):
@@ -18,6 +18,15 @@ def test_committed_stubs_equal_freshly_generated_ones(tmp_path: Path):
     assert sorted(fresh) == sorted(committed)
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"stale generated stubs {stale}: run python -m pd.tools.gen_proto"
+
+
+def test_only_imports_of_generated_modules_become_relative(tmp_path: Path):
+    (tmp_path / "a_pb2.py").write_text("import b_pb2 as b__pb2\nimport other_pb2 as o\n")
+    (tmp_path / "b_pb2.py").write_text("")
+    (tmp_path / "a_pb2_grpc.py").write_text("import grpc\nimport a_pb2 as a__pb2\n")
+    make_imports_relative(tmp_path)
+    assert (tmp_path / "a_pb2.py").read_text() == "from . import b_pb2 as b__pb2\nimport other_pb2 as o\n"
+    assert (tmp_path / "a_pb2_grpc.py").read_text() == "import grpc\nfrom . import a_pb2 as a__pb2\n"
 
 
 def test_grpc_stubs_import_relatively_and_export_the_protocol_version():

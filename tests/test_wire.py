@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pd.transport.wire import (DTYPE_NAMES, decode_kv, dtype_from_name, dtype_name, encode_kv,
-                               split_token_ranges)
+from pd._generated import prefill_pb2 as pb
+from pd.transport.wire import (DTYPE_NAMES, decode_kv, decode_kv_into, dtype_from_name, dtype_name,
+                               encode_kv, kv_chunk_message, split_token_ranges,
+                               tune_malloc_for_kv_messages)
 
 SHAPE = (37, 3, 64)
 
@@ -73,11 +75,85 @@ def test_fp8_keeps_amax_exactly_and_never_overflows_to_nan():
     assert out[0, 0, 0].item() == pytest.approx(1000.0, rel=1e-6)
 
 
+def test_empty_chunks_round_trip_in_every_wire_dtype():
+    t = torch.empty(0, 3, 64, dtype=torch.bfloat16)
+    for wire in ("", "float8_e4m3fn", "float32"):
+        data, scale = encode_kv(t, wire)
+        assert data == b""
+        assert decode_kv(data, wire, scale, (0, 3, 64), torch.bfloat16).shape == (0, 3, 64)
+
+
 def test_fp8_refuses_non_finite_kv():
     t = torch.ones(SHAPE)
     t[0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="inf or NaN"):
         encode_kv(t, "float8_e4m3fn")
+
+
+def test_fp8_table_lookup_matches_torch_cast():
+    t = _kv(torch.float32, seed=2)
+    data, scale = encode_kv(t, "float8_e4m3fn")
+    codes = torch.frombuffer(bytearray(data), dtype=torch.float8_e4m3fn).view(SHAPE)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        expected = (codes.float() * scale).to(dtype)
+        assert torch.equal(decode_kv(data, "float8_e4m3fn", scale, SHAPE, dtype), expected)
+
+
+def test_decode_into_pool_slots_writes_only_those_slots():
+    t = _kv(torch.bfloat16)
+    pool = torch.zeros(4, 2, 100, 3, 64, dtype=torch.bfloat16)  # [layer, k/v, slot, head, dim]
+    data, scale = encode_kv(t, None)
+    decode_kv_into(data, "bfloat16", scale, pool[2, 1, 10:47])
+    assert torch.equal(pool[2, 1, 10:47], t)
+    pool[2, 1, 10:47] = 0
+    assert not pool.any()
+
+
+@pytest.mark.parametrize("wire", ["", "float8_e4m3fn", "float16"])
+def test_decode_into_a_strided_view_equals_decode(wire):
+    t = _kv(torch.bfloat16, seed=3)
+    data, scale = encode_kv(t, wire)
+    out = torch.zeros(37, 2, 3, 64, dtype=torch.bfloat16)[:, 1]  # not contiguous
+    decode_kv_into(data, wire, scale, out)
+    assert torch.equal(out, decode_kv(data, wire, scale, SHAPE, torch.bfloat16))
+
+
+def test_decode_into_checks_the_byte_count_against_the_destination():
+    data, _ = encode_kv(_kv(torch.bfloat16), None)
+    with pytest.raises(ValueError, match="corrupt KV chunk"):
+        decode_kv_into(data, "bfloat16", 1.0, torch.empty(36, 3, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype,wire,layer,start,num_tokens", [
+    (torch.bfloat16, "", 0, 0, 37),
+    (torch.bfloat16, None, 29, 70000, 5),
+    (torch.float32, "float8_e4m3fn", 3, 128, 37),
+    (torch.float16, "float16", 1, 0, 0),
+])
+def test_kv_chunk_message_is_byte_identical_to_protobuf(dtype, wire, layer, start, num_tokens):
+    kv = _kv(dtype, seed=4).repeat(1, 2, 1).view(37, 2, 3, 64)[:num_tokens]
+    k, v = kv[:, 0], kv[:, 1]  # strided views, as cut from a pool
+    k_data, k_scale = encode_kv(k, wire)
+    v_data, v_scale = encode_kv(v, wire)
+    expected = pb.PrefillMessage(kv=pb.KVChunk(
+        layer=layer, start=start, num_tokens=num_tokens, wire_dtype=wire or dtype_name(dtype),
+        k=k_data, v=v_data, k_scale=k_scale, v_scale=v_scale)).SerializeToString()
+    assert kv_chunk_message(layer, start, k, v, wire) == expected
+
+
+def test_kv_chunk_message_parses_back_to_the_kv():
+    t = _kv(torch.bfloat16)
+    msg = pb.PrefillMessage.FromString(kv_chunk_message(7, 16, t, t * 2, None))
+    c = msg.kv
+    assert (c.layer, c.start, c.num_tokens, c.wire_dtype) == (7, 16, 37, "bfloat16")
+    assert torch.equal(decode_kv(c.v, c.wire_dtype, c.v_scale, SHAPE, torch.bfloat16), t * 2)
+
+
+def test_tune_malloc_succeeds_on_glibc():
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert tune_malloc_for_kv_messages() is True
 
 
 def test_wrong_byte_count_raises_corrupt_chunk():

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 
 from engine.kv_cache.kv_pool import KVPool
@@ -23,7 +24,7 @@ from pd._generated import prefill_pb2 as pb
 from pd.decode.prefill_peer import PrefillPeer, _describe
 from pd.transport.fingerprint import engine_fingerprint, engine_kv_spec
 from pd.transport.messages import done_to_result, sampling_to_pb
-from pd.transport.wire import decode_kv
+from pd.transport.wire import decode_kv, dtype_name
 
 logger = logging.getLogger("pd.decode.transfer")
 
@@ -272,19 +273,31 @@ class DecodeConnector(KVConnector):
 
     def _write_kv(self, t: Transfer, chunk: pb.KVChunk) -> int:
         self._check_range(t, chunk.layer, chunk.start, chunk.num_tokens)
-        lay = self.pool.layout
-        shape = (chunk.num_tokens, lay.num_kv_heads, lay.head_dim)
-        try:
-            k = decode_kv(chunk.k, chunk.wire_dtype, chunk.k_scale, shape, lay.dtype)
-            v = decode_kv(chunk.v, chunk.wire_dtype, chunk.v_scale, shape, lay.dtype)
-        except ValueError as exc:
-            raise TransferFailed(str(exc)) from None
         if t.cancelled.is_set():
             raise TransferFailed("aborted")
-        slots = self._slots(t.block_ids, chunk.start, chunk.num_tokens)
+        lay = self.pool.layout
+        n = chunk.num_tokens
+        slots = self._slots(t.block_ids, chunk.start, n)
         layer = self.pool.data[chunk.layer]
-        layer[0].index_copy_(0, slots, k)
-        layer[1].index_copy_(0, slots, v)
+        if chunk.wire_dtype == dtype_name(lay.dtype) and layer.device.type == "cpu":
+            # raw bytes of the pool dtype: scatter rows straight from the message (one copy,
+            # single-threaded numpy: no OpenMP team to wake per message)
+            row = lay.num_kv_heads * lay.head_dim * lay.itemsize
+            if len(chunk.k) != n * row or len(chunk.v) != n * row:
+                raise TransferFailed(f"corrupt KV chunk: {len(chunk.k)}/{len(chunk.v)} bytes for {n} tokens")
+            idx = slots.numpy()
+            _rows(layer[0])[idx] = np.frombuffer(chunk.k, dtype=np.uint8).reshape(n, row)
+            _rows(layer[1])[idx] = np.frombuffer(chunk.v, dtype=np.uint8).reshape(n, row)
+        else:
+            shape = (n, lay.num_kv_heads, lay.head_dim)
+            try:
+                k = decode_kv(chunk.k, chunk.wire_dtype, chunk.k_scale, shape, lay.dtype)
+                v = decode_kv(chunk.v, chunk.wire_dtype, chunk.v_scale, shape, lay.dtype)
+            except ValueError as exc:
+                raise TransferFailed(str(exc)) from None
+            slots = slots.to(layer.device)
+            layer[0].index_copy_(0, slots, k.to(layer.device))
+            layer[1].index_copy_(0, slots, v.to(layer.device))
         return len(chunk.k) + len(chunk.v)
 
     def _copy_local(self, t: Transfer, chunk: pb.LocalChunk, src_pool: torch.Tensor | None) -> int:
@@ -299,8 +312,13 @@ class DecodeConnector(KVConnector):
             raise TransferFailed("aborted")
         src = self._slots(list(chunk.block_ids), chunk.start, chunk.num_tokens)
         dst = self._slots(t.block_ids, chunk.start, chunk.num_tokens)
-        layer = self.pool.data[chunk.layer]
-        layer.index_copy_(1, dst, src_pool[chunk.layer].index_select(1, src))
+        layer, src_layer = self.pool.data[chunk.layer], src_pool[chunk.layer]
+        if layer.device.type == "cpu":
+            si, di = src.numpy(), dst.numpy()
+            for kv in (0, 1):
+                _rows(layer[kv])[di] = _rows(src_layer[kv])[si]
+        else:
+            layer.index_copy_(1, dst.to(layer.device), src_layer.index_select(1, src.to(layer.device)))
         return 2 * chunk.num_tokens * self.pool.layout.num_kv_heads * self.pool.layout.head_dim * \
             self.pool.layout.itemsize
 
@@ -323,3 +341,8 @@ class DecodeConnector(KVConnector):
                     peer.check(self.pool.layout)
                 except Exception:  # keep probing whatever happens
                     logger.exception("health probe of %s failed", peer.address)
+
+
+def _rows(t: torch.Tensor) -> np.ndarray:
+    """[slots, kv_heads, head_dim] CPU tensor as a writable uint8 array of one row per slot."""
+    return t.view(torch.uint8).reshape(t.shape[0], -1).numpy()

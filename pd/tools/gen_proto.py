@@ -2,9 +2,9 @@
 
     python -m pd.tools.gen_proto [--out DIR]
 
-Runs grpc_tools.protoc (python, grpc and .pyi outputs), rewrites the absolute
-`import x_pb2` lines of the *_pb2_grpc.py files to package-relative imports, and writes
-the package's __init__.py. The outputs are committed; tests/test_proto_stale.py fails
+Runs grpc_tools.protoc (python, grpc and .pyi outputs), rewrites the generated modules'
+absolute `import x_pb2 as ...` lines to package-relative imports, and writes the
+package's __init__.py. The outputs are committed; tests/test_proto_stale.py fails
 when they no longer match what this tool generates.
 """
 from __future__ import annotations
@@ -19,7 +19,10 @@ PROTO_DIR = REPO_ROOT / "proto"
 DEFAULT_OUT = REPO_ROOT / "pd" / "_generated"
 PROTOCOL_VERSION = 1
 
-INIT_TEMPLATE = '''"""Generated gRPC stubs for the pd.v1 protocol. Do not edit: run python -m pd.tools.gen_proto."""
+INIT_TEMPLATE = '''"""Generated gRPC stubs for the pd.v1 protocol.
+
+Do not edit: run python -m pd.tools.gen_proto.
+"""
 from . import {modules}
 
 PROTOCOL_VERSION = {version}
@@ -50,9 +53,16 @@ def run_protoc(out_dir: Path, proto_dir: Path = PROTO_DIR) -> None:
 
 
 def make_imports_relative(out_dir: Path) -> None:
-    for path in sorted(out_dir.glob("*_pb2_grpc.py")):
-        text = path.read_text()
-        path.write_text(_ABS_IMPORT.sub(r"from . import \1 as \2", text))
+    """`import prefill_pb2 as x` -> `from . import prefill_pb2 as x` for the modules
+    generated here (google.protobuf imports are left alone)."""
+    local = {p.stem for p in out_dir.glob("*_pb2.py")}
+
+    def relative(match: re.Match) -> str:
+        module, alias = match.groups()
+        return f"from . import {module} as {alias}" if module in local else match.group(0)
+
+    for path in sorted([*out_dir.glob("*_pb2*.py"), *out_dir.glob("*_pb2.pyi")]):
+        path.write_text(_ABS_IMPORT.sub(relative, path.read_text()))
 
 
 def write_init(out_dir: Path) -> None:

@@ -56,7 +56,9 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.view(_BITS[t.element_size()]).numpy()
 
 
-def _quantize_fp8(t: torch.Tensor) -> tuple[bytes, float]:
+def _quantize_fp8(t: torch.Tensor) -> tuple[np.ndarray, float]:
+    if t.numel() == 0:
+        return np.empty(0, dtype=np.uint8), 1.0
     x = t.to(torch.float32, copy=True)
     amax = x.abs().amax()
     if not torch.isfinite(amax):
@@ -67,8 +69,9 @@ def _quantize_fp8(t: torch.Tensor) -> tuple[bytes, float]:
     return _bits(q), float(scale)  # scale is a float32 value: exact in the proto float
 
 
-def _payload(t: torch.Tensor, wire_dtype: str | None) -> tuple[np.ndarray | bytes, float]:
-    """encode_kv without the final copy where t is contiguous: a bytes-like view and the scale."""
+def _payload(t: torch.Tensor, wire_dtype: str | None) -> tuple[np.ndarray, float]:
+    """The wire form of t as a C-contiguous numpy array (a view where t is contiguous and
+    needs no conversion) and its scale."""
     if t.dim() != 3:
         raise ValueError(f"KV chunk must be [num_tokens, kv_heads, head_dim], got shape {tuple(t.shape)}")
     dtype_name(t.dtype)  # validates the source dtype
@@ -76,10 +79,12 @@ def _payload(t: torch.Tensor, wire_dtype: str | None) -> tuple[np.ndarray | byte
     if t.device.type != "cpu":
         t = t.cpu()
     if not wire_dtype or dtype_from_name(wire_dtype) == t.dtype:
-        return _bits(t), 1.0
-    if wire_dtype == FP8_NAME:
-        return _quantize_fp8(t)
-    return _bits(t.to(dtype_from_name(wire_dtype))), 1.0
+        data, scale = _bits(t), 1.0
+    elif wire_dtype == FP8_NAME:
+        data, scale = _quantize_fp8(t)
+    else:
+        data, scale = _bits(t.to(dtype_from_name(wire_dtype))), 1.0
+    return np.ascontiguousarray(data), scale
 
 
 def encode_kv(t: torch.Tensor, wire_dtype: str | None) -> tuple[bytes, float]:
@@ -89,7 +94,7 @@ def encode_kv(t: torch.Tensor, wire_dtype: str | None) -> tuple[bytes, float]:
     quantizes with scale = amax / 448; another float dtype name converts to it.
     """
     data, scale = _payload(t, wire_dtype)
-    return (data if isinstance(data, bytes) else data.tobytes()), scale  # one C-order copy
+    return data.tobytes(), scale
 
 
 def _varint(value: int) -> bytes:
@@ -101,8 +106,8 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _len_field(tag: int, size: int) -> bytes:
-    return bytes([tag]) + _varint(size)
+def _field(tag: int, value: int) -> bytes:
+    return bytes([tag]) + _varint(value)
 
 
 def kv_chunk_message(layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
@@ -115,27 +120,28 @@ def kv_chunk_message(layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
     """
     if k.shape != v.shape:
         raise ValueError(f"keys and values differ in shape: {tuple(k.shape)} vs {tuple(v.shape)}")
-    k_data, k_scale = _payload(k, wire_dtype)
-    v_data, v_scale = _payload(v, wire_dtype)
+    (k_data, k_scale), (v_data, v_scale) = _payload(k, wire_dtype), _payload(v, wire_dtype)
     name = (wire_dtype or dtype_name(k.dtype)).encode()
-    head = b"".join(bytes([tag]) + _varint(value) for tag, value in
-                    ((0x08, layer), (0x10, start), (0x18, k.shape[0])) if value)
-    head += _len_field(0x22, len(name)) + name
-    parts = [head]
+    # proto3 leaves out fields that hold their default (0, "", empty bytes, 0.0)
+    parts: list[bytes | np.ndarray] = [_field(tag, value) for tag, value in
+                                       ((0x08, layer), (0x10, start), (0x18, k.shape[0])) if value]
+    parts += [_field(0x22, len(name)), name]
     for tag, data in ((0x2A, k_data), (0x32, v_data)):
-        size = data.nbytes if isinstance(data, np.ndarray) else len(data)
-        if size:
-            parts += [_len_field(tag, size), np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data]
-    parts += [bytes([tag]) + struct.pack("<f", scale) for tag, scale in ((0x3D, k_scale), (0x45, v_scale)) if scale]
+        if data.nbytes:
+            parts += [_field(tag, data.nbytes), data]
+    for tag, scale in ((0x3D, k_scale), (0x45, v_scale)):
+        if scale:
+            parts.append(bytes([tag]) + struct.pack("<f", scale))
     body_size = sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in parts)
-    return b"".join([_len_field(0x0A, body_size), *parts])
+    return b"".join([_field(0x0A, body_size), *parts])
 
 
 def _check_length(data: bytes, shape: tuple[int, ...], wire: torch.dtype) -> None:
     expected = math.prod(shape) * wire.itemsize
     if len(data) != expected:
         raise ValueError(f"corrupt KV chunk: {len(data)} bytes, expected {expected} for shape "
-                         f"{tuple(shape)} in {dtype_name(wire)}; the peer is incompatible or the stream broke")
+                         f"{tuple(shape)} in {dtype_name(wire)}; the peer is incompatible or the "
+                         "stream broke")
 
 
 def _fp8_table(scale: float, out_dtype: torch.dtype) -> np.ndarray:
@@ -151,6 +157,9 @@ def decode_kv_into(data: bytes, wire_dtype: str, scale: float, out: torch.Tensor
     wire = dtype_from_name(wire_dtype) if wire_dtype else out.dtype
     _check_length(data, out.shape, wire)
     if out.numel() == 0:
+        return
+    if out.device.type != "cpu":
+        out.copy_(decode_kv(data, wire_dtype, scale, tuple(out.shape), out.dtype))
         return
     src = np.frombuffer(data, dtype=np.uint8)  # read-only view of the message bytes
     dst = _bits(out)
@@ -211,4 +220,5 @@ def tune_malloc_for_kv_messages(mmap_threshold: int = 32 << 20, trim_threshold: 
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    is_set = mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+    return bool(is_set) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
