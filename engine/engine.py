@@ -40,6 +40,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.block_pool, pool.layout.block_size)
         self.scheduler = Scheduler(config.scheduler, self.max_model_len, self.kv, self.connector)
         self.runner = ModelRunner(model, pool, self.kv.block_tables, config.device.torch_device, self.connector)
+        self.scheduler.copy_blocks = self.runner.copy_blocks
         eos = tuple(tokenizer.eos_token_ids) or tuple(config.model.eos_token_ids)
         self.eos_token_ids = eos
         self.runner.eos_token_ids = eos

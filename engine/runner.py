@@ -48,7 +48,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        self._copy_blocks(out.blocks_to_copy)
         batch = self._prepare(out.scheduled)
         self.connector.on_step_start(out.scheduled)
         hook = self.connector.on_layer_done if self.connector.wants_layer_hooks else None
@@ -72,7 +71,8 @@ class ModelRunner:
         self.connector.on_step_done(result.sampled)
         return result
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copies whole KV blocks src -> dst in every layer."""
         if copies:
             view = self.pool.blocks_view()
             src = torch.tensor([c[0] for c in copies], device=self.device)

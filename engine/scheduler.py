@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from engine.config import SchedulerConfig
 from engine.kv_cache.manager import KVCacheManager
@@ -42,7 +43,6 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)  # decodes first
     preempted_ids: list[str] = field(default_factory=list)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -70,6 +70,9 @@ class Scheduler:
         self.errored: list[Request] = []           # failed by the connector, not yet reported
         self.sessions = SessionCache(kv.pool, kv.block_size)
         self.num_preemptions = 0
+        # Copies KV blocks (src, dst) right away; set by the engine. A session's partial
+        # block must be in place before anything (a forward pass, a remote load) writes to it.
+        self.copy_blocks: Callable[[list[tuple[int, int]]], None] = lambda copies: None
 
     # ---- admission -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -151,7 +154,7 @@ class Scheduler:
             copies = self.kv.allocate_from_session(req, hit, n)
             if copies is None:
                 return False
-            out.blocks_to_copy.extend(copies)
+            self.copy_blocks(copies)
             self.sessions.touch(req.session_key)
         elif self.kv.allocate_slots(req, n, blocks) is None:
             return False

@@ -86,7 +86,6 @@ SEQUENTIAL = [
     (user(BASE_B + " " + story(2001, 4) + "\n" + _QUESTIONS[1]), 16),
     (user(story(6, 7) + "\n" + _QUESTIONS[5]), 24),
 ]
-SHARED_PREFIX = {7: 6, 10: 5}
 CONCURRENT = [(tiny("Say hello in French."), 16)] + [
     (user(story(100 + i, n) + "\n" + _QUESTIONS[i % len(_QUESTIONS)]), 16)
     for i, n in enumerate((2, 3, 5, 8, 12, 20, 30))]
@@ -127,12 +126,18 @@ def metrics(base_url: str) -> dict[str, float]:
     return parse_metrics(r.text)
 
 
+def sum_of(m: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of the samples of `name` that carry all these labels."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in m.items() if k.startswith(name + "{") and all(w in k for w in want))
+
+
 def transfers(m: dict[str, float], transport: str) -> float:
-    return m.get(f'pdserve:kv_transfers_total{{model_name="{MODEL}",transport="{transport}"}}', 0.0)
+    return sum_of(m, "pdserve:kv_transfers_total", transport=transport)
 
 
 def failures(m: dict[str, float]) -> float:
-    return sum(v for k, v in m.items() if k.startswith("pdserve:kv_transfer_failures_total{"))
+    return sum_of(m, "pdserve:kv_transfer_failures_total")
 
 
 def wait_blocks_free(base_url: str, timeout: float = 20.0) -> dict[str, float]:
@@ -160,8 +165,8 @@ def nodes():
                 started[name] = f.result()
         yield started
     finally:
-        for p in reversed(list(started.values())):
-            p.stop()
+        with ThreadPoolExecutor(len(started) or 1) as pool:
+            list(pool.map(lambda p: p.stop(), started.values()))
 
 
 def chat(base_url: str, messages: list[dict], max_tokens: int) -> dict:
@@ -245,14 +250,12 @@ def test_pd_greedy_equals_colocated_token_for_token(nodes, transport):
     # the prefill node counts a transfer only after its last message went out, and the decode
     # node drops the stream as soon as it has that message: under load some go uncounted
     # (see test_prefill_node_counts_a_transfer_whose_stream_is_dropped_after_done)
-    assert 1 <= pm.get(f'pdserve:prefill_transfers_total{{model_name="{MODEL}",transport="{transport}"}}', 0) <= n
+    assert 1 <= sum_of(pm, "pdserve:prefill_transfers_total", transport=transport) <= n
 
     # the prompts sharing a long prefix found it cached on the prefill node
     cached_here = [int(x) for x in re.findall(r"\((\d+) cached here\)", log_text(prefill))]
     cached_there = [int(x) for x in re.findall(r"(\d+) tokens cached there", log_text(decode))]
     assert max(cached_here) >= 700 and max(cached_there) >= 700, (cached_here, cached_there)
-    for later, earlier in SHARED_PREFIX.items():
-        assert got[later]["prompt_tokens"] > got[earlier]["prompt_tokens"]
 
     # every block is free again on both nodes (leases released for the local transport)
     for base in (decode.base_url, prefill.http_base):
@@ -279,9 +282,11 @@ def test_fp8_wire_produces_output_and_transfers(nodes, fp8_decode):
         assert g["prompt_tokens"] == ref[i]["prompt_tokens"]
     assert transfers(after, "grpc") - transfers(before, "grpc") == len(picks), log_text(fp8_decode)[-3000:]
     assert failures(after) == 0
-    # fp8 KV is lossy: no equality requirement, but the answers should start the same way
-    same_first = sum(g["tokens"][0] == ref[i]["tokens"][0] for g, i in zip(got, picks))
-    print(f"fp8 wire: {same_first}/{len(picks)} first tokens equal the colocated ones")
+    # the first token is sampled on the prefill node (full-precision KV there)
+    assert all(g["tokens"][0] == ref[i]["tokens"][0] for g, i in zip(got, picks))
+    # fp8 KV is lossy: no equality requirement for the rest
+    same = sum(g["tokens"] == ref[i]["tokens"] for g, i in zip(got, picks))
+    print(f"fp8 wire: {same}/{len(picks)} answers equal the colocated ones")
     m = wait_blocks_free(fp8_decode.base_url)
     assert m["pdserve:kv_blocks_free"] == m["pdserve:kv_blocks_total"]
 

@@ -286,8 +286,9 @@ def test_each_turn_reuses_the_previous_turn(sessions):
     for sid, turns in sessions["routed"].items():
         for prev, cur in zip(turns, turns[1:]):
             cached = cur.usage.prompt_tokens_details.cached_tokens
-            # token-granular session cache: the whole previous prompt and answer, partial block included
-            assert cached >= prev.usage.prompt_tokens + prev.usage.completion_tokens, (sid, cached, prev.usage)
+            # token-granular session cache: the whole previous prompt and answer, partial block
+            # included (the session holds exactly those tokens, so this is also the most it can be)
+            assert cached == prev.usage.prompt_tokens + prev.usage.completion_tokens, (sid, cached, prev.usage)
             assert cached < cur.usage.prompt_tokens
 
 
@@ -300,16 +301,6 @@ def test_first_turns_equal_the_colocated_reference(sessions):
             (ref.usage.prompt_tokens, ref.usage.completion_tokens), sid
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine/scheduler.py:52 SchedulerOutput.is_empty ignores blocks_to_copy, and engine/engine.py:100 "
-    "returns before runner.execute() (which runs _copy_blocks) when nothing is scheduled. A session turn "
-    "whose uncached suffix is prefilled remotely is admitted straight to WAITING_FOR_REMOTE_KV, so when no "
-    "other request runs in that step the copy-on-write of the session's partial last block "
-    "(KVCacheManager.allocate_from_session) is dropped: the KV of those positions is stale and later turns "
-    "answer differently from the colocated node (logprobs off by up to ~1.3 nats). Exposed since cf29767 "
-    "made remote prefill of session turns work. Fix: is_empty -> `not self.scheduled and not "
-    "self.blocks_to_copy` and let execute() do the copies and return when nothing is scheduled (better: "
-    "copy before update_state_after_alloc starts the transfer, which may write into the same block)"))
 def test_later_turns_equal_the_colocated_reference(sessions):
     for sid in SESSIONS:
         routed, ref = sessions["routed"][sid], sessions["reference"][sid]
@@ -334,14 +325,6 @@ def test_remote_prefill_is_exercised_without_failures(cluster, sessions):
     assert ra["pdserve:router_remote_prefills_total"] - rb["pdserve:router_remote_prefills_total"] >= transfers
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pd/router/server.py _api_key() returns the bearer token even when the router has no --api-key, "
-    "while a decode node without keys treats every caller as anonymous (NodeState.authenticate -> None): "
-    "the router salts its block hashes (cache_salt) and namespaces session keys with a key the nodes "
-    "never use, so with any Authorization header (the OpenAI client always sends one) the residency index "
-    "never matches: no cache-aware routing, router_cached_tokens stays 0, and session keys from the "
-    "nodes' events/full state differ from the router's (affinity lost after a resync). Fix: use None as "
-    "the key when state.api_keys is empty, as the nodes do"))
 def test_router_index_sees_the_sessions_cached_prefix(sessions):
     rb, ra = sessions["router_before"], sessions["router_after"]
     later_turns = sum(len(turns) - 1 for turns in sessions["routed"].values())
@@ -351,12 +334,6 @@ def test_router_index_sees_the_sessions_cached_prefix(sessions):
 
 # ---- load spreading ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pd/router/server.py _passthrough: NodeView.inflight is incremented only once the decode node's "
-    "response headers arrive, i.e. after a non-streaming request has finished, so requests the router "
-    "has sent are never counted in the load while they run; a burst of new non-streaming requests all "
-    "go to the same decode node until the next heartbeat. Fix: increment before state.client.send "
-    "(decrement on failure / when the passthrough ends)"))
 def test_a_burst_of_new_requests_uses_both_decode_nodes(cluster, sessions):
     c = cluster
     before = {p: total(metrics(proc), "vllm:request_success_total") for p, proc in c.decodes.items()}

@@ -308,11 +308,6 @@ def test_silent_worker_is_marked_down_and_purged(router, reporter):
     w.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pd/router/registry.py Registry.seen(): a worker expired for silence (index entries purged) that "
-    "speaks again on the same stream is marked up at once, but RouterEventService.Connect keeps its "
-    "`expected` sequence and never asks for a resync, so the router routes to it with an empty index "
-    "(session affinity and cached prefixes lost until the worker reconnects)"))
 def test_worker_back_from_silence_is_resynced_before_it_is_routable(router):
     w = FakeWorker(router.address)
     w.register("flaky-node", "http://127.0.0.1:3", [44, 55], ["anon:flaky"])
@@ -331,11 +326,6 @@ def test_worker_back_from_silence_is_resynced_before_it_is_routable(router):
     assert not node["healthy"] or (reply is not None and reply.WhichOneof("payload") == "resync")
 
 
-PURGE_BUG = ("pd/router/index.py ResidencyIndex.purge() pops self._blocks[node] before calling "
-             "self.removed(node, ...), and removed() returns at once when the node has no entry in _blocks: the "
-             "node is never taken out of _holders. After a purge (resync/replace, re-register, mark_down) match() "
-             "still credits the node with every block it held before, including blocks it has since evicted, and "
-             "_holders leaks. Fix: `self.removed(node, list(self._blocks.get(node, ())))` then pop.")
 
 
 def held_by(router: RouterThread, node_id: str, hashes: set[int]) -> set[int]:
@@ -343,7 +333,6 @@ def held_by(router: RouterThread, node_id: str, hashes: set[int]) -> set[int]:
     return router.on_loop(lambda: {h for h in hashes if node_id in router.index.match([h])})
 
 
-@pytest.mark.xfail(strict=True, reason=PURGE_BUG)
 def test_after_a_resync_match_sees_only_the_engines_blocks(router, engine, reporter):
     v = vocab(engine)
     before, _ = assert_index_converges(router, engine)
@@ -356,7 +345,6 @@ def test_after_a_resync_match_sees_only_the_engines_blocks(router, engine, repor
     assert held_by(router, NODE_ID, EVER_CACHED) == after
 
 
-@pytest.mark.xfail(strict=True, reason=PURGE_BUG)
 @pytest.mark.parametrize("how", ["stream-lost", "deregister"])
 def test_a_gone_node_is_out_of_match(router, how):
     node_id, hashes = f"purged-{how}", [88, 99] if how == "deregister" else [888, 999]
@@ -397,4 +385,3 @@ def test_deregister_removes_the_worker(router, engine, reporter):
     wait_for(lambda: router.node(NODE_ID) is None, 5, "the node to be removed")
     assert router.on_loop(lambda: (router.index.node_blocks(NODE_ID), router.index.node_sessions(NODE_ID))) \
         == (set(), set())
-    # (that match() forgets it too is test_a_gone_node_is_out_of_match's business: PURGE_BUG)

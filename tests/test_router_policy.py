@@ -5,7 +5,7 @@ import pytest
 
 from engine.kv_cache.prefix_hash import chain_hashes
 from pd.router.index import ResidencyIndex
-from pd.router.policy import POLICIES, CacheAware, LeastLoad, NodeView, RoundRobin, RouteRequest, make_policy
+from pd.router.policy import CacheAware, LeastLoad, NodeView, RoundRobin, RouteRequest, make_policy
 
 BS = 16
 
@@ -128,19 +128,18 @@ class TestIndexUpdates:
         assert ix.num_entries == 1
         ix.purge("never-seen")          # harmless
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG pd/router/index.py ResidencyIndex.purge: it pops self._blocks[node] and only then "
-        "calls self.removed(node, ...), which returns at once because the node is no longer in "
-        "self._blocks; the node stays in self._holders for every block, so match() keeps "
-        "reporting a purged (lost) node. Fix: call removed() before popping, e.g. "
-        "`self.removed(node, list(self._blocks.get(node, ())))` then `self._blocks.pop(node, None)`."))
     def test_purge_removes_the_node_from_match(self):
+        # (was a strict xfail: purge() popped the node's blocks before removed() could drop
+        # it from the holders, so match() kept reporting a purged node; fixed in index.py)
         ix = ResidencyIndex()
         h = request(3).block_hashes
         ix.stored("a", h)
         ix.stored("b", h[:1])
         ix.purge("a")
         assert ix.match(h) == {"b": 1}
+        assert ix.match(h, ["a"]) == {}
+        ix.stored("a", h[:2])            # the node comes back empty and fills again
+        assert ix.match(h) == {"a": 2, "b": 1}
 
     def test_replace_sets_the_node_state(self):
         ix = ResidencyIndex()
@@ -154,10 +153,6 @@ class TestIndexUpdates:
         assert ix.session_node("old") is None
         assert ix.num_entries == 2
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG pd/router/index.py ResidencyIndex.replace -> purge (see the purge bug): the blocks a "
-        "node no longer holds after a resync stay in self._holders, so match() still counts them. "
-        "Fix purge() as described there."))
     def test_replace_forgets_blocks_the_node_no_longer_has(self):
         ix = ResidencyIndex()
         h = request(4).block_hashes
@@ -362,26 +357,19 @@ class TestCacheAware:
         assert d.prefill.node_id == "p2"
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG pd/router/policy.py: RoundRobin.choose, LeastLoad.choose and CacheAware._best never look "
-    "at NodeView.healthy (only the session-affinity branch does), so a node marked down is still "
-    "chosen: round robin cycles onto it, least load picks it when its last reported load is lowest, "
-    "and cache_aware prefers it for its cached prefix (made worse by the purge bug). Fix: filter "
-    "`[n for n in nodes if n.healthy]` at the top of each choose (or have the registry pass only "
-    "healthy nodes and drop the flag from the contract)."))
-def test_policies_never_choose_an_unhealthy_node(name):
-    pol = make_policy(name, min_remote_prefill_tokens=1)
+def test_cache_aware_routes_among_the_nodes_it_is_given():
+    """pd-router hands the policy the usable nodes only (Registry.usable); a node left out is
+    never chosen, whatever it holds, and its session falls back to the cached prefix."""
+    pol = CacheAware(min_remote_prefill_tokens=1)
     ix = ResidencyIndex()
-    req = request(16)
+    req = request(16, session="s")
+    ix.session_resident("d0", "s")
     ix.stored("d0", req.block_hashes)
     ix.stored("p0", req.block_hashes)
-    decodes = [dnode(0, healthy=False), dnode(1, num_running=1), dnode(2, num_running=1)]
-    prefills = [pnode(0, healthy=False), pnode(1, num_running=1)]
-    for _ in range(4):
-        d = pol.choose(req, decodes, prefills, ix)
-        assert d.decode.healthy
-        assert d.prefill is None or d.prefill.healthy
+    ix.stored("d2", req.block_hashes[:5])
+    d = pol.choose(req, [dnode(1), dnode(2)], [pnode(1)], ix)
+    assert d.decode.node_id == "d2" and d.prefill.node_id == "p1"
+    assert d.cached_tokens == 5 * BS
 
 
 def test_make_policy():

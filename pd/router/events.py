@@ -36,13 +36,22 @@ class RouterEventService(rpb_grpc.RouterServiceServicer):
                     continue
                 if node_id is None:
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "send register first")
-                self.registry.seen(node_id)
                 self.num_events += 1
                 if kind == "full_state":
                     self.index.replace(node_id, msg.full_state.hashes, msg.full_state.sessions)
                     self._load(node_id, msg.full_state.load)
+                    self.registry.seen(node_id)
                     expected = msg.seq + 1
                     continue
+                if not self.registry.is_up(node_id) and kind != "deregister":
+                    # back from silence (purged meanwhile): routable again only after a full state
+                    self.registry.seen(node_id, mark_up=False)
+                    if expected is not None:
+                        expected = None
+                        self.num_resyncs += 1
+                        yield rpb.RouterMessage(resync=rpb.Resync(reason="node was marked down; send full state"))
+                    continue
+                self.registry.seen(node_id)
                 if kind == "deregister":
                     deregistered = True
                     self.registry.remove(node_id, msg.deregister.reason or "deregistered")

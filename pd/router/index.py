@@ -57,7 +57,7 @@ class ResidencyIndex:
             self.session_resident(node, key)
 
     def purge(self, node: str) -> None:
-        self.removed(node, list(self._blocks.pop(node, ())))
+        self.removed(node, list(self._blocks.get(node, ())))
         self._blocks.pop(node, None)
         for key in self._node_sessions.pop(node, set()):
             if self._sessions.get(key) == node:

@@ -52,12 +52,17 @@ class Registry:
         logger.info("%s node %s registered (%s)", role, node_id, address)
         return w
 
-    def seen(self, node_id: str) -> None:
+    def seen(self, node_id: str, mark_up: bool = True) -> None:
+        """A message from the node; mark_up=False while its index state is not yet rebuilt."""
         w = self.workers.get(node_id)
         if w is not None:
             w.last_seen = time.monotonic()
-            if not w.view.healthy:
+            if mark_up and not w.view.healthy:
                 self.mark_up(node_id)
+
+    def is_up(self, node_id: str) -> bool:
+        w = self.workers.get(node_id)
+        return w is not None and w.view.healthy
 
     def remove(self, node_id: str, reason: str) -> None:
         if self.workers.pop(node_id, None) is not None:

@@ -139,7 +139,10 @@ async def route_and_forward(state: RouterState, request: Request, path: str, rou
         raise bad_request("could not parse the request body as JSON") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    route = _route_request(state, body, path, _api_key(request)) if routed else None
+    # nodes salt caches and name sessions by API key only when keys are configured (the
+    # router's --api-key list is taken to be the nodes' too)
+    key = _api_key(request) if state.api_keys else None
+    route = _route_request(state, body, path, key) if routed else None
     tried: set[str] = set()
     last_error = "no healthy decode node"
     for attempt in range(state.max_retries + 1):
@@ -159,11 +162,13 @@ async def route_and_forward(state: RouterState, request: Request, path: str, rou
             decode, prefill = min(decodes, key=lambda n: n.load), None
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
         headers[PREFILL_NODE_HEADER] = prefill.address if prefill is not None else "none"
+        decode.inflight += 1  # counted before sending, so a burst spreads over the nodes
         try:
             upstream = await state.client.send(
                 state.client.build_request("POST", decode.address + path, content=raw, headers=headers),
                 stream=True)
         except httpx.HTTPError as exc:
+            decode.inflight -= 1
             last_error = f"{decode.node_id}: {type(exc).__name__}"
             state.registry.mark_down(decode.node_id, f"request failed: {exc!r}")
         else:
@@ -171,6 +176,7 @@ async def route_and_forward(state: RouterState, request: Request, path: str, rou
                 if route is not None and route.session_key and upstream.status_code < 400:
                     state.registry.index.session_resident(decode.node_id, route.session_key)
                 return _passthrough(state, upstream, decode)
+            decode.inflight -= 1
             last_error = f"{decode.node_id} answered {upstream.status_code}"
             await upstream.aclose()
             if upstream.status_code in (502, 504) or (upstream.status_code == 503 and not route):
@@ -183,7 +189,8 @@ async def route_and_forward(state: RouterState, request: Request, path: str, rou
 
 
 def _passthrough(state: RouterState, upstream: httpx.Response, node) -> StreamingResponse:
-    node.inflight += 1
+    """Streams the upstream body through unbuffered; the node's in-flight count (taken
+    before sending) is released when the body ends."""
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
 
     async def body():

@@ -28,7 +28,19 @@ Metrics: hit rate (prompt tokens found cached, as leading full blocks, on the ch
 node when routed / prompt tokens), the same on the chosen prefill node for remotely
 prefilled requests, load imbalance (every --sample-every decisions: max / mean NodeView.load
 over healthy decode nodes, p50 / p99 over samples, and the mean coefficient of variation),
-and the router's decision latency (perf_counter around policy.choose, index.match included).
+and the router's decision latency around policy.choose, index.match included: wall clock
+(perf_counter) and the router thread's CPU time (thread_time), which other processes on a
+busy host cannot inflate; the 1 ms target is judged on the CPU figure.
+
+The policy is handed the usable nodes only, as pd-router does (Registry.usable), and, as
+pd-router does, the router records a session on the decode node it forwards a turn to
+(index.session_resident) besides the workers' own events. --fail-nodes K loses K decode
+nodes mid-run: the router marks them down and purges them from the index (Registry.mark_down),
+drops them from the usable lists, and routes their requests again.
+
+Cost: the simulator's own work per request is O(prompt blocks), never O(nodes), apart from
+load sampling every --sample-every decisions; the policies' own per-decision cost is what
+the latency columns measure. --jobs N runs the (size, policy) runs in N processes.
 """
 from __future__ import annotations
 
@@ -114,6 +126,8 @@ class SimConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.num_prefill < 0 or self.num_sessions < 1 or self.arrival_rate <= 0:
             raise ValueError("need prefill nodes >= 0, sessions >= 1 and a positive rate")
+        if not 0 <= self.fail_nodes < self.nodes:
+            raise ValueError("--fail-nodes must be at least 0 and less than --nodes")
 
 
 # ---- workload ---------------------------------------------------------------------------
@@ -340,7 +354,6 @@ class Simulation:
         self.completed = 0
         self.output_tokens = 0
         self.index_mismatches = 0
-        self.misrouted = 0       # the policy chose a node marked unhealthy
         self.rerouted = 0        # requests routed again because their decode node was lost
         self.failed_nodes: list[str] = []
 
@@ -384,18 +397,19 @@ class Simulation:
     def _route(self, req: _Request) -> None:
         cfg = self.cfg
         rr = RouteRequest(req.hashes, req.prompt_len, cfg.block_size, req.session.key)
+        # like pd-router (server.py, Registry.usable), the policy gets the usable nodes only
         c0 = thread_time()
         t0 = perf_counter()
-        d = self.policy.choose(rr, self.decode_views, self.prefill_views, self.index)
+        d = self.policy.choose(rr, self.healthy_decodes, self.healthy_prefills, self.index)
         t1 = perf_counter()
         c1 = thread_time()
         self.latencies_us.append((t1 - t0) * 1e6)
         self.cpu_latencies_us.append((c1 - c0) * 1e6)
         if not d.decode.healthy or (d.prefill is not None and not d.prefill.healthy):
-            # the policy was handed the registry's full lists, lost nodes marked unhealthy, and
-            # picked one; route again among the healthy ones only (counted, not timed)
-            self.misrouted += 1
-            d = self.policy.choose(rr, self.healthy_decodes, self.healthy_prefills, self.index)
+            raise AssertionError(f"{self.policy.name} chose a node that was not offered to it")
+        if rr.session_key:
+            # pd-router records the session on the node it forwarded to as soon as the node accepts
+            self.index.session_resident(d.decode.node_id, rr.session_key)
         self.decisions += 1
         if d.reason == "session affinity":
             self.affinity_decisions += 1
@@ -528,11 +542,11 @@ class Simulation:
 
     # ---- node loss --------------------------------------------------------------------------
     def _fail(self) -> None:
-        """Decode nodes die: the router marks them unhealthy and purges them from its index;
-        their last reported loads stay in their views; their requests are routed again."""
+        """Decode nodes die: the router marks them down and purges them from its index, and
+        their requests are routed again."""
         cfg = self.cfg
         rng = random.Random(cfg.seed + 7919)
-        victims = rng.sample(range(cfg.nodes), min(cfg.fail_nodes, cfg.nodes - 1))
+        victims = rng.sample(range(cfg.nodes), cfg.fail_nodes)
         lost: list[_Request] = []
         for i in sorted(victims):
             view = self.decode_views[i]
@@ -592,7 +606,6 @@ class Simulation:
             "index_mismatches": self.index_mismatches,
             "index_entries": self.index.num_entries,
             "failed_nodes": len(self.failed_nodes),
-            "misrouted": self.misrouted,
             "rerouted": self.rerouted,
             "wall_s": wall_s,
             "cpu_s": cpu_s,
@@ -637,7 +650,7 @@ _COLUMNS = [
     ("ttft_ms_p50", "ttft-p50ms", "{:.0f}"), ("ttft_ms_p99", "ttft-p99ms", "{:.0f}"),
     ("cpu_s", "sim-cpu-s", "{:.1f}"),
 ]
-_FAIL_COLUMNS = [("misrouted", "misrouted", "{:d}"), ("rerouted", "rerouted", "{:d}")]
+_FAIL_COLUMNS = [("rerouted", "rerouted", "{:d}")]
 
 
 def _cell(value, fmt: str) -> str:
@@ -668,7 +681,7 @@ def check_targets(rows: list[dict]) -> list[str]:
     for n in sorted({r["nodes"] for r in rows}):
         by = {r["policy"]: r for r in rows if r["nodes"] == n}
         ca, rr = by.get("cache_aware"), by.get("round_robin")
-        if ca and rr:
+        if ca and rr and n >= 2:         # one node: nothing to choose between
             ratio = ca["hit_rate"] / rr["hit_rate"] if rr["hit_rate"] > 0 else float("inf")
             ok = ratio >= HIT_RATIO_TARGET
             out.append(f"{'PASS' if ok else 'FAIL'} {n} nodes: cache_aware hit rate {100 * ca['hit_rate']:.1f}% = "
@@ -683,9 +696,6 @@ def check_targets(rows: list[dict]) -> list[str]:
             if r["index_mismatches"]:
                 out.append(f"FAIL {n} nodes: {p}: the index disagreed with the workers' caches on "
                            f"{r['index_mismatches']} of {r['decisions']} decisions")
-            if r.get("misrouted"):
-                out.append(f"FAIL {n} nodes: {p} chose a node marked unhealthy {r['misrouted']} times "
-                           f"({r['failed_nodes']} decode nodes lost)")
     return out
 
 
