@@ -18,19 +18,46 @@ from engine.async_engine import AsyncEngine
 from engine.engine import LLMEngine
 from engine.request import RequestStatus
 
-CORPUS = """\
-The history of the lighthouse begins with fires lit on hilltops to guide ships home at night. The Pharos of Alexandria, built in the third century before our era, stood more than a hundred metres tall and was counted among the wonders of the ancient world. For centuries afterwards, keepers burned wood, coal and later whale oil in iron baskets or glass lanterns, climbing hundreds of steps each evening to trim the wicks. The invention of the Fresnel lens in 1822 changed everything: rings of prisms bent the light of a single lamp into a narrow, powerful beam that could be seen from more than twenty miles away.
-
-Bread is one of the oldest prepared foods. Flour, water, salt and yeast are mixed into a dough, which is kneaded until the gluten forms long elastic strands. The dough then rests while the yeast eats sugars and releases carbon dioxide, so that the loaf rises. A baker shapes it, lets it proof a second time and bakes it in a hot oven, where steam keeps the crust soft at first so the bread can expand before the surface browns. Sourdough replaces commercial yeast with a starter of wild yeast and lactic acid bacteria, which gives the loaf its tangy flavour and a longer shelf life.
-
-A compiler translates a program written in a high-level language into machine code. The front end reads the source text, splits it into tokens and builds a syntax tree; the middle end checks types and rewrites the tree into an intermediate representation that is easier to optimise; the back end chooses instructions, allocates registers and writes the final binary. Optimisations such as constant folding, inlining and loop unrolling can make programs many times faster, but each one must preserve the meaning of the original code exactly, which is why compiler engineers test their work on millions of programs.
-
-The monarch butterfly travels up to four thousand kilometres every autumn, from Canada and the northern United States to a few mountain forests in central Mexico. No single butterfly makes the round trip: the migrants that fly south live for about eight months, while the generations that carry the population north again in spring live only a few weeks each. Scientists believe the insects navigate with a sun compass in their antennae, corrected by an internal clock, and perhaps with the help of the magnetic field of the Earth.
-
-Chess is played on a board of sixty-four squares by two players who move in turn. Each side starts with sixteen pieces: a king, a queen, two rooks, two bishops, two knights and eight pawns. The goal is to checkmate the opposing king, that is, to attack it so that it cannot escape. Openings have been studied for centuries, and modern engines that search millions of positions per second have shown that many lines once thought dubious are in fact perfectly sound. Even so, the game is far from solved, because the number of possible positions is astronomically large.
-
-Rivers shape the land they cross. In the mountains, fast water carries stones and sand that grind the riverbed into steep valleys; on the plains, the current slows, drops its load and winds through wide meanders that shift from year to year. Where a river meets the sea it may build a delta of fertile silt, as the Nile and the Mississippi have done. Floods that once renewed farmland every spring are now often held back by dams and levees, which protect towns but also starve the delta of the sediment it needs.
-"""
+CORPUS = "\n\n".join((
+    ("The history of the lighthouse begins with fires lit on hilltops to guide ships home at night. The "
+     "Pharos of Alexandria, built in the third century before our era, stood more than a hundred metres "
+     "tall and was counted among the wonders of the ancient world. For centuries afterwards, keepers "
+     "burned wood, coal and later whale oil in iron baskets or glass lanterns, climbing hundreds of steps "
+     "each evening to trim the wicks. The invention of the Fresnel lens in 1822 changed everything: rings "
+     "of prisms bent the light of a single lamp into a narrow, powerful beam that could be seen from more "
+     "than twenty miles away."),
+    ("Bread is one of the oldest prepared foods. Flour, water, salt and yeast are mixed into a dough, "
+     "which is kneaded until the gluten forms long elastic strands. The dough then rests while the yeast "
+     "eats sugars and releases carbon dioxide, so that the loaf rises. A baker shapes it, lets it proof a "
+     "second time and bakes it in a hot oven, where steam keeps the crust soft at first so the bread can "
+     "expand before the surface browns. Sourdough replaces commercial yeast with a starter of wild yeast "
+     "and lactic acid bacteria, which gives the loaf its tangy flavour and a longer shelf life."),
+    ("A compiler translates a program written in a high-level language into machine code. The front end "
+     "reads the source text, splits it into tokens and builds a syntax tree; the middle end checks types "
+     "and rewrites the tree into an intermediate representation that is easier to optimise; the back end "
+     "chooses instructions, allocates registers and writes the final binary. Optimisations such as "
+     "constant folding, inlining and loop unrolling can make programs many times faster, but each one must"
+     " preserve the meaning of the original code exactly, which is why compiler engineers test their work "
+     "on millions of programs."),
+    ("The monarch butterfly travels up to four thousand kilometres every autumn, from Canada and the "
+     "northern United States to a few mountain forests in central Mexico. No single butterfly makes the "
+     "round trip: the migrants that fly south live for about eight months, while the generations that "
+     "carry the population north again in spring live only a few weeks each. Scientists believe the "
+     "insects navigate with a sun compass in their antennae, corrected by an internal clock, and perhaps "
+     "with the help of the magnetic field of the Earth."),
+    ("Chess is played on a board of sixty-four squares by two players who move in turn. Each side starts "
+     "with sixteen pieces: a king, a queen, two rooks, two bishops, two knights and eight pawns. The goal "
+     "is to checkmate the opposing king, that is, to attack it so that it cannot escape. Openings have "
+     "been studied for centuries, and modern engines that search millions of positions per second have "
+     "shown that many lines once thought dubious are in fact perfectly sound. Even so, the game is far "
+     "from solved, because the number of possible positions is astronomically large."),
+    ("Rivers shape the land they cross. In the mountains, fast water carries stones and sand that grind "
+     "the riverbed into steep valleys; on the plains, the current slows, drops its load and winds through "
+     "wide meanders that shift from year to year. Where a river meets the sea it may build a delta of "
+     "fertile silt, as the Nile and the Mississippi have done. Floods that once renewed farmland every "
+     "spring are now often held back by dams and levees, which protect towns but also starve the delta of "
+     "the sediment it needs."),
+)) + "\n"
 
 BEACH = [{"role": "user", "content": "Describe a walk along the beach at sunset."}]
 FRENCH = [{"role": "user", "content": "Écris une phrase en français sur la crème brûlée et le café."}]
@@ -97,12 +124,11 @@ def engine_no_cache() -> Engine:
 
 
 @pytest.fixture(scope="module")
-def async_llm() -> Iterator[LLMEngine]:
+def async_llm() -> LLMEngine:
     """A separate engine for the background loop (never stepped from two threads at once)."""
-    llm = (EngineBuilder(ModelRepo.bundled()).dtype("float32")
-           .scheduler(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=512)
-           .build_llm_engine())
-    yield llm
+    return (EngineBuilder(ModelRepo.bundled()).dtype("float32")
+            .scheduler(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=512)
+            .build_llm_engine())
 
 
 @contextlib.contextmanager
@@ -123,8 +149,9 @@ def test_concurrent_mixed_requests_under_preemption_equal_their_alone_outputs(sm
     params = [_greedy(max_tokens) for _, max_tokens in MIXED]
     assert sum(-(-(n + m) // BLOCK_SIZE) for n, m in MIXED) > 3 * SMALL_NUM_BLOCKS
 
+    preemptions_before = llm.stats().num_preemptions
     together = small_engine.generate_batch(list(zip(params, prompts)))
-    assert llm.stats().num_preemptions > 0
+    assert llm.stats().num_preemptions > preemptions_before
     assert llm.stats().num_free_blocks == llm.stats().num_blocks
 
     preemptions = llm.stats().num_preemptions

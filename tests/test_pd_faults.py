@@ -312,7 +312,6 @@ def test_sigstop_prefill_node_requests_complete_then_remote_prefill_resumes(deco
         assert httpx.get(decode.base_url + "/health", timeout=10).status_code == 200
         wait_until(lambda: blocks_all_free(decode.base_url), 20, "the decode node's blocks to be free again")
         mid = metrics(decode.base_url)
-        # first-chunk timeout -> cause "timeout"; transfer deadline -> "other" (see the xfail below)
         assert sum_of(mid, "pdserve:kv_transfer_failures_total") - \
             sum_of(before, "pdserve:kv_transfer_failures_total") == len(HANG), log_text(decode)[-3000:]
         logs = log_text(decode)
@@ -333,12 +332,6 @@ def test_sigstop_prefill_node_requests_complete_then_remote_prefill_resumes(deco
     wait_until(lambda: blocks_all_free(decode.base_url), 20, "the decode node's blocks to be free again")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pd/decode/metrics.py failure_cause() maps reasons by substring; the transfer-deadline reason "
-    "raised in pd/decode/pd_connector.py _stream() ('transfer exceeded 120 s', on DEADLINE_EXCEEDED) "
-    "contains none of them, so a hung prefill node that sent its first chunk is counted as "
-    "kv_transfer_failures_total{cause=\"other\"} instead of \"timeout\". Fix: word the reason "
-    "'transfer timeout: exceeded 120 s' or map 'exceeded' to timeout in failure_cause()."))
 def test_a_transfer_deadline_counts_as_a_timeout():
     """The two timeouts of DecodeConnector._stream(), driven by a fake gRPC call, get cause "timeout"."""
     from types import SimpleNamespace

@@ -112,7 +112,7 @@ def _counter(name: str, doc: str, value: float, labels: list[str]) -> CounterMet
 
 def failure_cause(reason: str) -> str:
     """A short, bounded label for a free-text failure reason."""
-    r = reason.lower()
+    r = reason.lower().replace("exceeded", "timeout").replace("deadline", "timeout")
     for cause in ("timeout", "unavailable", "refused", "corrupt", "short", "aborted", "no healthy"):
         if cause in r:
             return cause.replace(" ", "_")

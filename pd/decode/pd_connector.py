@@ -113,7 +113,9 @@ class DecodeConnector(KVConnector):
             return 0
         peer = peer or self._pick_peer()
         if peer is None:
-            self._fallback(request.request_id, "no healthy prefill node with room", count_failure=False)
+            if not request.extra.get("pd_fallback_logged"):
+                request.extra["pd_fallback_logged"] = True
+                self._fallback(request.request_id, "no healthy prefill node with room", count_failure=False)
             return 0
         self._claimed[request.request_id] = peer
         return suffix
@@ -141,6 +143,7 @@ class DecodeConnector(KVConnector):
                 t.call.cancel()
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
+        self._claimed.pop(request.request_id, None)
         with self._lock:
             return request.request_id in self._active  # still writing: free when it stops
 
@@ -256,6 +259,9 @@ class DecodeConnector(KVConnector):
                                      peer_down=True) from None
             down = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
             raise TransferFailed(_describe(exc), peer_down=down) from None
+        except TransferFailed:
+            call.cancel()
+            raise
         finally:
             timer.cancel()
         raise TransferFailed("the KV stream ended before its last message (short stream)", peer_down=False)

@@ -108,12 +108,13 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 else:
                     if item.finish_reason in ("error", "abort"):
                         await context.abort(grpc.StatusCode.INTERNAL, item.error or "prefill failed")
+                    # log and count first: the peer may drop the call as soon as it has Done
+                    self._log(request, transport, t0, num_bytes, item.num_cached_tokens)
                     yield pb.PrefillMessage(done=pb.PrefillDone(
                         first_token_id=item.new_token_ids[0], logprobs=logprobs_to_pb(
                             item.logprobs[0] if item.logprobs else None),
                         num_cached_tokens=item.num_cached_tokens, num_tokens=len(request.token_ids),
                         lease_id=sink.lease_id or 0, num_kv_messages=num_msgs))
-                    self._log(request, transport, t0, num_bytes, item.num_cached_tokens)
                     return
         finally:
             self.connector.close_stream(req.request_id)

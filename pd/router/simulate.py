@@ -27,7 +27,9 @@ num_free_blocks) are written into NodeView objects built once, which the policy 
 Metrics: hit rate (prompt tokens found cached, as leading full blocks, on the chosen decode
 node when routed / prompt tokens), the same on the chosen prefill node for remotely
 prefilled requests, load imbalance (every --sample-every decisions: max / mean NodeView.load
-over healthy decode nodes, p50 / p99 over samples, and the mean coefficient of variation),
+over healthy decode nodes, p50 / p99 over samples, and the mean coefficient of variation;
+samples are taken while the mean load is at least --imbalance-min-load, since on a nearly
+idle cluster, ramp-up and drain, max / mean measures granularity, not balance),
 and the router's decision latency around policy.choose, index.match included: wall clock
 (perf_counter) and the router thread's CPU time (thread_time), which other processes on a
 busy host cannot inflate; the 1 ms target is judged on the CPU figure.
@@ -103,6 +105,7 @@ class SimConfig:
     fail_nodes: int = 0                  # decode nodes lost mid-run
     fail_at: float | None = None         # s; default: when the middle session arrives
     sample_every: int = 32
+    imbalance_min_load: float = 1.0      # load samples need a mean NodeView.load at least this
     seed: int = 0
 
     @property
@@ -440,8 +443,8 @@ class Simulation:
         if not loads:
             return
         mean = sum(loads) / len(loads)
-        if mean <= 0:
-            return
+        if mean < self.cfg.imbalance_min_load:
+            return                       # a nearly idle cluster: max/mean would measure granularity
         var = sum((x - mean) * (x - mean) for x in loads) / len(loads)
         self.imbalance.append(max(loads) / mean)
         self.cv.append(math.sqrt(var) / mean)
@@ -591,6 +594,7 @@ class Simulation:
             "imbalance_p50": _pct(self.imbalance, 50),
             "imbalance_p99": _pct(self.imbalance, 99),
             "load_cv": statistics.fmean(self.cv) if self.cv else float("nan"),
+            "load_samples": len(self.imbalance),
             "latency_us_p50": _pct(lat, 50),
             "latency_us_p99": _pct(lat, 99),
             "latency_us_max": max(lat) if lat else float("nan"),
@@ -732,6 +736,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fail-nodes", type=int, default=0, help="decode nodes lost mid-run")
     ap.add_argument("--fail-at", type=float, default=None, help="s (default: when the middle session arrives)")
     ap.add_argument("--sample-every", type=int, default=d.sample_every, help="decisions between load samples")
+    ap.add_argument("--imbalance-min-load", type=float, default=d.imbalance_min_load,
+                    help="skip load samples whose mean NodeView.load is below this")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs in parallel processes (faster; latencies then share the cores)")
@@ -750,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         prefill_slots=a.prefill_slots, min_remote_prefill_tokens=a.min_remote_prefill,
         prefill_a=a.prefill_a, prefill_b=a.prefill_b, decode_c=a.decode_c, decode_d=a.decode_d,
         session_ids=not a.no_session_ids, fail_nodes=a.fail_nodes, fail_at=a.fail_at,
-        sample_every=a.sample_every, seed=a.seed)
+        sample_every=a.sample_every, imbalance_min_load=a.imbalance_min_load, seed=a.seed)
     policies = POLICY_NAMES if a.policy == "all" else [a.policy]
     try:
         sizes = [int(x) for x in a.sweep.split(",") if x.strip()] if a.sweep else [a.nodes]
