@@ -303,7 +303,7 @@ class TestCacheAware:
         d = pol.choose(req, decodes, [], ix)
         assert d.decode.node_id == "d1"
         assert d.cached_tokens == 12 * BS
-        assert d.scores["d1"] > d.scores["d3"] > d.scores["d0"] > d.scores["d2"]
+        assert set(d.scores) == {"d1"}  # the chosen node's score (logged at debug)
 
     def test_cache_beats_a_small_load_gap(self):
         pol = CacheAware(max_imbalance=8.0)

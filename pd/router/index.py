@@ -66,20 +66,27 @@ class ResidencyIndex:
     # ---- queries -------------------------------------------------------------------------
     def match(self, hashes: list[int], nodes: Iterable[str] | None = None) -> dict[str, int]:
         """Leading blocks of `hashes` held by each node (nodes holding none are omitted)."""
-        allowed = set(nodes) if nodes is not None else None
+        if not hashes:
+            return {}
+        first = self._holders.get(hashes[0])
+        if not first:
+            return {}
+        alive = first & set(nodes) if nodes is not None else set(first)
         matched: dict[str, int] = {}
-        alive: set[str] | None = None
-        for i, h in enumerate(hashes):
+        depth = 1
+        for h in hashes[1:]:
             holders = self._holders.get(h)
             if not holders:
                 break
-            alive = set(holders) if alive is None else alive & holders
-            if allowed is not None:
-                alive &= allowed
-            if not alive:
-                break
-            for node in alive:
-                matched[node] = i + 1
+            if not alive <= holders:  # some nodes stop here: record their depth
+                for node in alive - holders:
+                    matched[node] = depth
+                alive &= holders
+                if not alive:
+                    break
+            depth += 1
+        for node in alive:
+            matched[node] = depth
         return matched
 
     def session_node(self, key: str) -> str | None:

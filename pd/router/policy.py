@@ -79,9 +79,9 @@ class LeastLoad(Policy):
     name = "least_load"
 
     def choose(self, req, decodes, prefills, index) -> Decision:
-        decode = min(decodes, key=lambda n: n.load)
+        decode = min(decodes, key=_load)
         matched = index.match(req.block_hashes, [decode.node_id]).get(decode.node_id, 0) * req.block_size
-        prefill = (min(prefills, key=lambda n: n.load)
+        prefill = (min(prefills, key=_load)
                    if prefills and self._wants_remote(req, matched) else None)
         return Decision(decode, prefill, "least load", matched, {decode.node_id: decode.load})
 
@@ -92,52 +92,60 @@ class CacheAware(Policy):
     name = "cache_aware"
 
     def __init__(self, min_remote_prefill_tokens: int = 128, load_weight: float = 0.02,
-                 max_imbalance: float = 8.0):
+                 max_imbalance: float = 2.0):
         super().__init__(min_remote_prefill_tokens)
         self.load_weight = load_weight      # cached fraction worth one unit of load
         self.max_imbalance = max_imbalance  # beyond this load gap, ignore the cache
 
     def choose(self, req, decodes, prefills, index) -> Decision:
-        by_id = {n.node_id: n for n in decodes}
+        hits = index.match(req.block_hashes) if req.block_hashes else {}  # one walk, both roles
         if req.session_key:
-            node = by_id.get(index.session_node(req.session_key) or "")
+            owner = index.session_node(req.session_key)
+            node = next((n for n in decodes if n.node_id == owner), None) if owner else None
             if node is not None and node.healthy:
-                matched = index.match(req.block_hashes, [node.node_id]).get(node.node_id, 0) * req.block_size
-                return Decision(node, self._pick_prefill(req, matched, prefills, index), "session affinity",
+                matched = hits.get(node.node_id, 0) * req.block_size
+                return Decision(node, self._pick_prefill(req, matched, prefills, hits), "session affinity",
                                 matched)
-        decode, scores, matched = self._best(req, decodes, index)
+        decode, score, matched = self._best(req, decodes, hits)
         reason = "cached prefix" if matched else "least load"
-        return Decision(decode, self._pick_prefill(req, matched, prefills, index), reason, matched, scores)
+        return Decision(decode, self._pick_prefill(req, matched, prefills, hits), reason, matched,
+                        {decode.node_id: score})
 
-    def _best(self, req: RouteRequest, nodes: list[NodeView], index: ResidencyIndex):
-        hits = index.match(req.block_hashes, [n.node_id for n in nodes]) if req.block_hashes else {}
-        min_load = min(n.load for n in nodes)
+    def _best(self, req: RouteRequest, nodes: list[NodeView], hits: dict[str, int]
+              ) -> tuple[NodeView, float, int]:
+        """Highest (cached fraction - load_weight * load); a node more than max_imbalance above
+        the least loaded one gets no credit for its cache. One load evaluation per node."""
+        loads = [n.load for n in nodes]
+        min_load = min(loads)
         total = max(len(req.block_hashes), 1)
-        scores: dict[str, float] = {}
-        best, best_score = nodes[0], float("-inf")
-        for n in nodes:
-            if n.load - min_load > self.max_imbalance:
-                cached = 0.0
-            else:
-                cached = hits.get(n.node_id, 0) / total
-            score = cached - self.load_weight * n.load
-            scores[n.node_id] = score
+        lw, limit = self.load_weight, min_load + self.max_imbalance
+        best_i, best_score = 0, float("-inf")
+        for i, n in enumerate(nodes):
+            load = loads[i]
+            cached = hits.get(n.node_id, 0) / total if hits and load <= limit else 0.0
+            score = cached - lw * load
             if score > best_score:
-                best, best_score = n, score
-        return best, scores, hits.get(best.node_id, 0) * req.block_size
+                best_i, best_score = i, score
+        best = nodes[best_i]
+        return best, best_score, hits.get(best.node_id, 0) * req.block_size
 
-    def _pick_prefill(self, req, decode_cached: int, prefills, index) -> NodeView | None:
+    def _pick_prefill(self, req, decode_cached: int, prefills, hits: dict[str, int]) -> NodeView | None:
         if not prefills or not self._wants_remote(req, decode_cached):
             return None
-        node, _, _ = self._best(req, prefills, index)
+        node, _, _ = self._best(req, prefills, hits)
         return node
+
+
+def _load(node: NodeView) -> float:
+    return node.load
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (RoundRobin, LeastLoad, CacheAware)}
 
 
-def make_policy(name: str, min_remote_prefill_tokens: int = 128) -> Policy:
+def make_policy(name: str, min_remote_prefill_tokens: int = 128, **options: float) -> Policy:
+    """A policy by name; options go to its constructor (e.g. load_weight, max_imbalance)."""
     try:
-        return POLICIES[name](min_remote_prefill_tokens)
+        return POLICIES[name](min_remote_prefill_tokens, **options)
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
