@@ -23,12 +23,7 @@ def create_app(state: NodeState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
 
-    @app.middleware("http")
-    async def count_errors(request: Request, call_next):
-        response = await call_next(request)
-        if response.status_code >= 400:
-            state.metrics.error(response.status_code)
-        return response
+    app.add_middleware(ErrorCounter, metrics=state.metrics)
 
     def auth(request: Request) -> str | None:
         return state.authenticate(request)
@@ -133,3 +128,24 @@ async def session_usage(state: NodeState, api_key: str | None, session_id: str) 
         "kv_tokens_total": stats.num_blocks * stats.block_size,
         "resident": resident_tokens > 0, "resident_tokens": resident_tokens,
     }
+
+
+class ErrorCounter:
+    """Pure ASGI middleware counting responses with status >= 400 (unlike an @app.middleware
+    function, it leaves `receive` alone, so client disconnects still reach the handlers)."""
+
+    def __init__(self, app, metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.error(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
