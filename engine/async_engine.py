@@ -64,6 +64,8 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running")
         rid = request.request_id
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
         self._post("add", request)
@@ -135,7 +137,10 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                self.engine.add_request(payload)
+                try:
+                    self.engine.add_request(payload)
+                except ValueError as exc:  # e.g. a duplicate id: fail that request only
+                    self._deliver(payload.request_id, exc)
             elif kind == "abort":
                 self.engine.abort_request(payload)
             elif kind == "call":

@@ -73,9 +73,9 @@ class LLMEngine:
                        session_key=session_key, extra=dict(extra or {}))
 
     def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)  # raises for a duplicate id before any state changes
         self._detoks[request.request_id] = IncrementalDetokenizer(
             self.tokenizer, request.prompt_token_ids, request.params)
-        self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> bool:
         req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
@@ -113,10 +113,13 @@ class LLMEngine:
     def _emit(self, req: Request, token_ids: list[int], logprobs: list[TopLogprobs]) -> RequestOutput:
         detok = self._detoks[req.request_id]
         text, stop = detok.add_tokens(token_ids)
-        if stop is not None and not req.is_finished:
+        if stop is not None:
             req.stop_reason = stop
-            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
-        elif stop is None and req.is_finished:
+            if req.is_finished:  # the same token also hit a limit: the stop string wins
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+        elif req.is_finished:
             text += detok.flush()
         if req.is_finished:
             del self._detoks[req.request_id]

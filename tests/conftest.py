@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Server processes started by the tests inherit this: idle OpenMP workers sleep instead of
+# spinning, so several engines sharing the two cores don't stall each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("PDSERVE_TEST_THREADS", "2")))
 
