@@ -107,15 +107,25 @@ def grouped_causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     vg = values.transpose(0, 1)         # [G, L, D]
     out = torch.empty(n, num_heads, dim, dtype=q.dtype, device=q.device)
     rows = max(1, _MAX_SCORE_ELEMS // (num_heads * total))
-    cols = torch.arange(total, device=q.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         m, end = r1 - r0, context_len + r1  # later columns are masked for every row here
         qg = (q[r0:r1] * scale).transpose(0, 1).reshape(groups, rep * m, dim)
         scores = torch.bmm(qg, kt[:, :, :end])                           # [G, R*m, end]
-        hidden = cols[:end].unsqueeze(0) > (torch.arange(r0, r1, device=q.device) + context_len).unsqueeze(1)
-        scores.view(groups, rep, m, end).masked_fill_(hidden, float("-inf"))
+        # only the last m columns cross the diagonal: mask their upper triangle
+        scores.view(groups, rep, m, end)[..., end - m:].masked_fill_(_upper_triangle(m, q.device), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         ctx = torch.bmm(probs, vg[:, :end])                             # [G, R*m, D]
         out[r0:r1] = ctx.view(num_heads, m, dim).transpose(0, 1)
     return out
+
+
+_TRIANGLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _upper_triangle(m: int, device: torch.device) -> torch.Tensor:
+    key = (m, str(device))
+    tri = _TRIANGLES.get(key)
+    if tri is None:
+        tri = _TRIANGLES[key] = torch.ones(m, m, dtype=torch.bool, device=device).triu(1)
+    return tri
