@@ -59,8 +59,10 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     # float32 math: torch's CPU kernel is several times faster for 1-query attention in fp32
     # than in bf16, and the upcast of the gathered context is cheap next to it
     slots = meta.decode_slot_ids
-    keys = k_cache[slots].transpose(1, 2).float()     # [Bd, kvh, L, d]
-    values = v_cache[slots].transpose(1, 2).float()
+    b, length = slots.shape
+    flat = slots.reshape(-1)  # index_select on flat slots is ~10x faster than 2-D fancy indexing
+    keys = k_cache.index_select(0, flat).view(b, length, *k_cache.shape[1:]).transpose(1, 2).float()
+    values = v_cache.index_select(0, flat).view(b, length, *v_cache.shape[1:]).transpose(1, 2).float()
     out = F.scaled_dot_product_attention(q.unsqueeze(2).float(), keys, values, attn_mask=meta.decode_mask,
                                          scale=scale, enable_gqa=True)
     return out.squeeze(2).to(q.dtype)
@@ -69,16 +71,16 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, chunk: PrefillChunk, scale: float) -> torch.Tensor:
     if q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
-        keys = k if chunk.context_len == 0 else k_cache[chunk.slot_ids].to(q.dtype)
-        values = v if chunk.context_len == 0 else v_cache[chunk.slot_ids].to(q.dtype)
+        keys = k if chunk.context_len == 0 else k_cache.index_select(0, chunk.slot_ids).to(q.dtype)
+        values = v if chunk.context_len == 0 else v_cache.index_select(0, chunk.slot_ids).to(q.dtype)
         return grouped_causal_attention(q, keys, values, chunk.context_len, scale)
     qt = q.transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
     if chunk.context_len == 0:
         keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(qt, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        keys = k_cache[chunk.slot_ids].transpose(0, 1).unsqueeze(0).to(q.dtype)
-        values = v_cache[chunk.slot_ids].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        keys = k_cache.index_select(0, chunk.slot_ids).transpose(0, 1).unsqueeze(0).to(q.dtype)
+        values = v_cache.index_select(0, chunk.slot_ids).transpose(0, 1).unsqueeze(0).to(q.dtype)
         out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=chunk.mask, scale=scale,
                                              enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)
