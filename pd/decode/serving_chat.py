@@ -26,16 +26,18 @@ async def create_chat_completion(state: NodeState, body: ChatCompletionRequest, 
     session = state.sessions.open(api_key, body.session_id) if body.session_id else None
     conversation = state.sessions.full_conversation(session, messages) if session else messages
     try:
-        prompt_ids = state.tokenizer.encode_chat(conversation)
+        prompt_text = state.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
     except ValueError as exc:
         raise bad_request(f"could not apply the chat template: {exc}", param="messages") from None
+    prompt_ids = (state.sessions.continue_tokens(session, prompt_text, state.tokenizer) if session else None) \
+        or state.tokenizer.encode(prompt_text, add_special_tokens=False)
     params = body.to_sampling_params(None)
     extra = routing_hints(raw)
     requests = [state.make_request(prompt_ids, p, "messages",
                                    session_key=state.session_key(session) if i == 0 else None, extra=extra,
                                    api_key=api_key)
                 for i, p in enumerate(seeded_copies(params, body.n))]
-    turn = _SessionTurn(state, session, conversation, len(prompt_ids))
+    turn = _SessionTurn(state, session, conversation, prompt_ids, prompt_text)
     if body.stream:
         return StreamingResponse(_stream(state, body, requests, turn), media_type="text/event-stream")
     choices = await until_disconnected(raw, _collect(state, requests))
@@ -53,9 +55,10 @@ def routing_hints(raw: Request) -> dict:
 
 
 class _SessionTurn:
-    def __init__(self, state: NodeState, session, conversation, num_prompt_tokens: int):
+    def __init__(self, state: NodeState, session, conversation, prompt_ids: list[int], prompt_text: str):
         self.state, self.session, self.conversation = state, session, conversation
-        self.num_prompt_tokens = num_prompt_tokens
+        self.prompt_ids, self.prompt_text = prompt_ids, prompt_text
+        self.num_prompt_tokens = len(prompt_ids)
 
     def record(self, choices: list[ChoiceState]) -> None:
         if self.session is None:
@@ -65,6 +68,12 @@ class _SessionTurn:
         self.state.sessions.record_turn(
             self.session, self.conversation if ok else None, first.text if ok else None,
             self.num_prompt_tokens, sum(len(c.token_ids) for c in choices), first.num_cached_tokens)
+        if ok:  # the exact tokens of this turn, so the next one continues them verbatim
+            out = first.token_ids
+            if first.finish_reason == "stop" and out and out[-1] in self.state.tokenizer.eos_token_ids:
+                out = out[:-1]  # the template writes the end-of-turn token itself
+            self.state.sessions.remember_tokens(self.session, self.prompt_text + first.text,
+                                                self.prompt_ids + out)
 
 
 async def _collect(state: NodeState, requests) -> list[ChoiceState]:

@@ -32,6 +32,8 @@ def cache_salt(api_key: str | None) -> bytes:
 class SessionState:
     engine_key: str
     messages: list[dict[str, Any]] = field(default_factory=list)
+    text: str = ""                 # rendered prompt + answer of the last turn ...
+    token_ids: list[int] = field(default_factory=list)  # ... and exactly the tokens the engine saw
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -76,6 +78,19 @@ class SessionStore:
         if not history or messages[:len(history)] == history:
             return messages
         return history + messages
+
+    def remember_tokens(self, state: SessionState, text: str, token_ids: list[int]) -> None:
+        with self._lock:
+            state.text, state.token_ids = text, list(token_ids)
+
+    @staticmethod
+    def continue_tokens(state: SessionState, prompt_text: str, tokenizer) -> list[int] | None:
+        """Token ids of a new turn that extend the previous turn's tokens verbatim (so its
+        cached KV matches to the last token), or None when the text does not continue it.
+        Re-tokenizing the previous answer could split it differently than it was generated."""
+        if not state.token_ids or not prompt_text.startswith(state.text):
+            return None
+        return state.token_ids + tokenizer.encode(prompt_text[len(state.text):], add_special_tokens=False)
 
     def record_turn(self, state: SessionState, conversation: list[dict[str, Any]] | None, answer: str | None,
                     prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> None:
