@@ -15,7 +15,7 @@ from engine.kv_cache.block_pool import BlockPool
 from engine.kv_cache.kv_pool import KVPool
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_connector import KVConnector
-from engine.layers.sampler import TopLogprobs
+from engine.layers.sampler import TopLogprobs, skip_draw
 from engine.outputs import EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.runner import ModelRunner
@@ -90,6 +90,8 @@ class LLMEngine:
         out = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         for req, result in self.scheduler.remote_results:
+            if req.generator is not None and not req.params.is_greedy:
+                skip_draw(req.generator, self.config.model.vocab_size)  # the prefill node drew it
             lps = [result.first_logprobs] if result.first_logprobs else []
             outputs.append(self._emit(req, [req.output_token_ids[-1]], lps))
         self.scheduler.remote_results.clear()

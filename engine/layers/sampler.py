@@ -103,6 +103,12 @@ def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     return logits.index_put(index, torch.tensor(_NEG_INF, device=logits.device))
 
 
+def skip_draw(generator: torch.Generator, vocab_size: int) -> None:
+    """Advances a request's generator past one sampling step (the draw _sample makes), for
+    a token that was sampled elsewhere (e.g. the first token, on a prefill node)."""
+    torch.empty(vocab_size, dtype=torch.float32).exponential_(generator=generator)
+
+
 def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Samples non-greedy rows; greedy rows in a mixed batch take the argmax."""
     params, device = batch.params, logits.device
