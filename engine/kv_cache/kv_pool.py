@@ -54,7 +54,9 @@ class KVPool:
                  buffer: torch.Tensor | None = None):
         self.layout = layout
         if buffer is None:
-            self.data = torch.empty(layout.shape, dtype=layout.dtype, device=device)
+            # zeroed, not empty: padded slots are masked out of attention, but a masked weight
+            # of 0 times an uninitialized NaN bit pattern is still NaN
+            self.data = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
         else:
             if buffer.numel() * buffer.element_size() < layout.total_bytes:
                 raise ValueError("KV buffer is smaller than the layout needs")
