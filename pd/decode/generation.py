@@ -11,6 +11,7 @@ from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
 from pd.decode.metrics import ServingMetrics
+from pd.openai.errors import internal_error
 
 
 @dataclass
@@ -59,6 +60,19 @@ async def merged_stream(engine: AsyncEngine, requests: list[Request], metrics: S
         for t in tasks:
             t.cancel()  # a cancelled pump leaves engine.generate early, which aborts its request
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect_choices(engine: AsyncEngine, requests: list[Request], metrics: ServingMetrics | None
+                          ) -> list[ChoiceState]:
+    """Runs the requests to the end; their final states in order (500 if any failed)."""
+    choices: dict[int, ChoiceState] = {}
+    async for choice, _ in merged_stream(engine, requests, metrics):
+        choices[choice.index] = choice
+    result = [choices[i] for i in range(len(requests))]
+    for c in result:
+        if c.finish_reason == "error":
+            raise internal_error(c.error or "generation failed")
+    return result
 
 
 def _update(state: ChoiceState, out: RequestOutput, metrics: ServingMetrics | None, start: float) -> None:

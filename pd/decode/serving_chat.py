@@ -9,9 +9,9 @@ from fastapi.responses import StreamingResponse
 
 from engine.layers.sampler import TopLogprobs
 from pd.decode.disconnect import until_disconnected
-from pd.decode.generation import ChoiceState, merged_stream, seeded_copies
+from pd.decode.generation import ChoiceState, collect_choices, merged_stream, seeded_copies
 from pd.decode.state import NodeState
-from pd.openai.errors import bad_request, internal_error
+from pd.openai.errors import bad_request
 from pd.openai.protocol import ChatCompletionRequest, random_id
 from pd.openai.responses import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
                                  ChatCompletionResponse, ChatLogprobs, ChatLogprobToken, ChatResponseMessage,
@@ -40,7 +40,7 @@ async def create_chat_completion(state: NodeState, body: ChatCompletionRequest, 
     turn = _SessionTurn(state, session, conversation, prompt_ids, prompt_text)
     if body.stream:
         return StreamingResponse(_stream(state, body, requests, turn), media_type="text/event-stream")
-    choices = await until_disconnected(raw, _collect(state, requests))
+    choices = await until_disconnected(raw, collect_choices(state.engine, requests, state.metrics))
     turn.record(choices)
     return _response(state, body, choices, len(prompt_ids))
 
@@ -74,17 +74,6 @@ class _SessionTurn:
                 out = out[:-1]  # the template writes the end-of-turn token itself
             self.state.sessions.remember_tokens(self.session, self.prompt_text + first.text,
                                                 self.prompt_ids + out)
-
-
-async def _collect(state: NodeState, requests) -> list[ChoiceState]:
-    choices: dict[int, ChoiceState] = {}
-    async for choice, _ in merged_stream(state.engine, requests, state.metrics):
-        choices[choice.index] = choice
-    result = [choices[i] for i in range(len(requests))]
-    for c in result:
-        if c.finish_reason == "error":
-            raise internal_error(c.error or "generation failed")
-    return result
 
 
 def _response(state: NodeState, body: ChatCompletionRequest, choices: list[ChoiceState],

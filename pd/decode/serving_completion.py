@@ -9,10 +9,10 @@ from fastapi.responses import StreamingResponse
 
 from engine.layers.sampler import TopLogprobs
 from pd.decode.disconnect import until_disconnected
-from pd.decode.generation import ChoiceState, merged_stream, seeded_copies
+from pd.decode.generation import ChoiceState, collect_choices, merged_stream, seeded_copies
 from pd.decode.serving_chat import error_event, routing_hints
 from pd.decode.state import NodeState
-from pd.openai.errors import bad_request, internal_error
+from pd.openai.errors import bad_request
 from pd.openai.protocol import CompletionRequest, random_id
 from pd.openai.responses import (CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse,
                                  PromptTokensDetails, UsageInfo, sse_event)
@@ -38,7 +38,7 @@ async def create_completion(state: NodeState, body: CompletionRequest, api_key: 
     if body.stream:
         return StreamingResponse(_stream(state, body, requests, echoes, num_prompt, session),
                                  media_type="text/event-stream")
-    choices = await until_disconnected(raw, _collect(state, requests))
+    choices = await until_disconnected(raw, collect_choices(state.engine, requests, state.metrics))
     _record(state, session, choices, num_prompt)
     out = [CompletionChoice(index=c.index, text=echoes[c.index] + c.text, finish_reason=c.finish_reason,
                             stop_reason=c.stop_reason,
@@ -56,17 +56,6 @@ def _tokenize(state: NodeState, prompt: str | list[int], index: int) -> list[int
     if any(t < 0 or t >= vocab for t in prompt):
         raise bad_request(f"prompt[{index}] has token ids outside [0, {vocab})", param="prompt")
     return list(prompt)
-
-
-async def _collect(state: NodeState, requests) -> list[ChoiceState]:
-    choices: dict[int, ChoiceState] = {}
-    async for choice, _ in merged_stream(state.engine, requests, state.metrics):
-        choices[choice.index] = choice
-    result = [choices[i] for i in range(len(requests))]
-    for c in result:
-        if c.finish_reason == "error":
-            raise internal_error(c.error or "generation failed")
-    return result
 
 
 def _usage(choices: list[ChoiceState], num_prompt: int) -> UsageInfo:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import gc
 import os
-import math
 import secrets
 import sys
 import threading
