@@ -5,15 +5,16 @@
 KV of the bundled model's shape (30 layers, 3 kv heads, head_dim 64, bfloat16: 23,040
 bytes per token) moves from a "prefill" process to this "decode" process:
   raw TCP  loopback socket, 1 MiB sends, received with recv_into a preallocated buffer
-  gRPC     a grpc.server streaming PrefillService.Prefill: one KVChunk per layer and token
-           range (split_token_ranges at 1 MiB or 4 MiB), serialized by
-           wire.kv_chunk_message ("pb": PrefillMessage(...).SerializeToString() instead);
-           the client is the generated stub, decode_kv_into a preallocated pool
+  gRPC     a grpc.server streaming PrefillService.Prefill with all layers ready, packed as
+           PrefillServicer packs them (wire.kv_messages: messages of up to 1 MiB or 4 MiB,
+           short layers batched in KVBatch); "pb" sends one PrefillMessage object per layer
+           and range instead; the client reads raw responses as the decode node does
+           (wire.read_kv_message, no protobuf copy) and decode_kv_into a preallocated pool
   shm      the prefill process writes a paged pool in a SharedKVBuffer; this process
            attaches and copies the request's blocks into its own pool, layer by layer,
-           with shm.copy_blocks: random block tables on both sides (the worst case), and
-           "seq" consecutive ones (a fresh pool); "idx" is the random case with
-           index_select / index_copy_, for reference
+           with kv_copy.KVCopyPlan (the decode node's local-transport copy). Block tables:
+           "fresh" from the BlockPools of freshly started nodes (the ratio uses this),
+           "churn" from BlockPools after a long mixed workload, "random" the worst case
   memcpy   torch copy_ of the same number of bytes between two preallocated tensors
 Every figure is the best of --repeats runs after a warm-up; the runs of all transports
 are interleaved so that a busy machine slows them alike. Targets: gRPC >= 50% of raw
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import random
 import socket
 import struct
 import threading
@@ -45,7 +47,8 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", 16 << 20),
 
 
 def pool_shape(num_blocks: int) -> tuple[int, ...]:
-    return (NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    """A KVPool's [layer, k/v, slot, kv_heads, head_dim]."""
+    return (NUM_LAYERS, 2, num_blocks * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
 
 
 def cpu_seconds(pids: tuple[int, ...]) -> float:
@@ -97,11 +100,12 @@ def _serve_tcp(listener: socket.socket) -> None:
 
 def _prefill_handler(kv: torch.Tensor):
     """PrefillService.Prefill streaming the KV of len(token_ids) tokens. request_id is
-    "<max message bytes>/<fast|pb>": fast serializes with wire.kv_chunk_message, pb builds
-    PrefillMessage objects and calls SerializeToString (what a generated servicer does)."""
+    "<max message bytes>/<fast|pb|raw>": fast packs with wire.kv_messages, pb builds
+    PrefillMessage objects and calls SerializeToString (what a generated servicer does),
+    raw streams the same number of bytes from one prebuilt buffer (gRPC's own ceiling)."""
     import grpc
     from pd._generated import prefill_pb2 as pb
-    from pd.transport.wire import dtype_name, encode_kv, kv_chunk_message, split_token_ranges
+    from pd.transport.wire import dtype_name, encode_kv, kv_messages, split_token_ranges
 
     def pb_message(layer: int, start: int, k: torch.Tensor, v: torch.Tensor, wire_dtype: str) -> bytes:
         k_data, k_scale = encode_kv(k, wire_dtype)
@@ -110,16 +114,29 @@ def _prefill_handler(kv: torch.Tensor):
             layer=layer, start=start, num_tokens=k.shape[0], wire_dtype=wire_dtype or dtype_name(k.dtype),
             k=k_data, v=v_data, k_scale=k_scale, v_scale=v_scale)).SerializeToString()
 
+    raw_payload = bytes(SEND_SIZE)
+
     def prefill(request, context):
         max_bytes, serializer = request.request_id.split("/")
-        make = kv_chunk_message if serializer == "fast" else pb_message
-        num_tokens = len(request.token_ids)
-        ranges = split_token_ranges(0, num_tokens, LAYER_BYTES_PER_TOKEN, int(max_bytes))
-        for layer in range(NUM_LAYERS):
-            for start, n in ranges:
-                yield make(layer, start, kv[layer, 0, start:start + n], kv[layer, 1, start:start + n],
-                           request.wire_dtype)
-        done = pb.PrefillDone(num_tokens=num_tokens, num_kv_messages=NUM_LAYERS * len(ranges))
+        num_tokens, count = len(request.token_ids), 0
+        if serializer == "raw":
+            remaining = num_tokens * BYTES_PER_TOKEN
+            while remaining:
+                yield raw_payload[:min(remaining, SEND_SIZE)]
+                remaining -= min(remaining, SEND_SIZE)
+            return
+        if serializer == "fast":  # what PrefillServicer sends when all layers are ready
+            pieces = [(layer, 0, kv[layer, 0, :num_tokens], kv[layer, 1, :num_tokens]) for layer in range(NUM_LAYERS)]
+            for message in kv_messages(pieces, request.wire_dtype, int(max_bytes)):
+                count += 1
+                yield message
+        else:  # one PrefillMessage object per layer and token range, as a generated servicer would
+            for layer in range(NUM_LAYERS):
+                for start, n in split_token_ranges(0, num_tokens, LAYER_BYTES_PER_TOKEN, int(max_bytes)):
+                    count += 1
+                    yield pb_message(layer, start, kv[layer, 0, start:start + n], kv[layer, 1, start:start + n],
+                                     request.wire_dtype)
+        done = pb.PrefillDone(num_tokens=num_tokens, num_kv_messages=count)
         yield pb.PrefillMessage(done=done).SerializeToString()
 
     method = grpc.unary_stream_rpc_method_handler(
@@ -134,11 +151,12 @@ def prefill_process(conn, max_tokens: int, threads: int) -> None:
 
     tune_malloc_for_kv_messages()
     torch.set_num_threads(threads)
-    num_blocks = max_tokens // BLOCK_SIZE
-    shm = SharedKVBuffer.create(BYTES_PER_TOKEN * max_tokens, name_prefix="pdbench")
-    pool = shm.tensor(DTYPE).view(pool_shape(num_blocks))
-    pool.copy_(torch.randn(pool.shape, dtype=torch.float32))  # the "prefill" writes its KV
-    kv = pool.view(NUM_LAYERS, 2, num_blocks * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    num_blocks = 2 * max_tokens // BLOCK_SIZE  # room for the request twice over
+    shm = SharedKVBuffer.create(BYTES_PER_TOKEN * num_blocks * BLOCK_SIZE, name_prefix="pdbench")
+    kv = shm.tensor(DTYPE).view(pool_shape(num_blocks))
+    for layer in kv:  # the "prefill" writes its KV
+        layer.copy_(torch.randn(layer.shape, dtype=torch.float32))
+    del layer
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((_prefill_handler(kv),))
@@ -150,7 +168,7 @@ def prefill_process(conn, max_tokens: int, threads: int) -> None:
     conn.send((shm.name, shm.size, grpc_port, listener.getsockname()[1]))
     conn.recv()  # the benchmark is done
     server.stop(grace=None).wait()
-    del server, pool, kv  # the handler holds views of the pool
+    del server, kv  # the handler holds views of the pool
     shm.close()
 
 
@@ -172,62 +190,103 @@ def raw_tcp_receive(port: int, num_bytes: int) -> Callable[[], None]:
     return receive
 
 
-def grpc_receive(stub, num_tokens: int, max_message_bytes: int, dst: torch.Tensor,
+def grpc_receive(channel, num_tokens: int, max_message_bytes: int, dst: torch.Tensor,
                  serializer: str = "fast") -> Callable[[], None]:
+    """Receives as the decode node does: raw responses, KV read in place by
+    wire.read_kv_message and decoded into the pool ("pb": parsed by PrefillMessage)."""
     from pd._generated import prefill_pb2 as pb
-    from pd.transport.wire import decode_kv_into
+    from pd.transport.wire import decode_kv_into, read_kv_message
 
     request = pb.PrefillRequest(request_id=f"{max_message_bytes}/{serializer}",
                                 token_ids=range(num_tokens), transport="grpc", wire_dtype="")
+    prefill = channel.unary_stream("/pd.v1.PrefillService/Prefill",
+                                   request_serializer=pb.PrefillRequest.SerializeToString,
+                                   response_deserializer=None)
+
+    def chunks(data: bytes):
+        if serializer == "raw":
+            return ()
+        if serializer == "fast":
+            return read_kv_message(data) or ()
+        msg = pb.PrefillMessage.FromString(data)
+        return (msg.kv,) if msg.WhichOneof("payload") == "kv" else ()
 
     def receive() -> None:
-        for msg in stub.Prefill(request):
-            if msg.WhichOneof("payload") != "kv":
-                continue
-            c = msg.kv
-            decode_kv_into(c.k, c.wire_dtype, c.k_scale, dst[c.layer, 0, c.start:c.start + c.num_tokens])
-            decode_kv_into(c.v, c.wire_dtype, c.v_scale, dst[c.layer, 1, c.start:c.start + c.num_tokens])
+        for data in prefill(request):
+            for c in chunks(data):
+                decode_kv_into(c.k, c.wire_dtype, c.k_scale, dst[c.layer, 0, c.start:c.start + c.num_tokens])
+                decode_kv_into(c.v, c.wire_dtype, c.v_scale, dst[c.layer, 1, c.start:c.start + c.num_tokens])
 
     return receive
 
 
-def shm_copy(src_blocks: torch.Tensor, dst_blocks: torch.Tensor, src_ids: torch.Tensor,
-             dst_ids: torch.Tensor, use_index_copy: bool = False) -> Callable[[], None]:
-    from pd.transport.shm import copy_blocks
+def shm_copy(src_pool: torch.Tensor, dst_pool: torch.Tensor, src_ids: list[int], dst_ids: list[int],
+             num_tokens: int) -> Callable[[], None]:
+    """The decode node's local-transport copy: one KVCopyPlan for the request, then one
+    copy_layer per layer (as each LocalChunk arrives)."""
+    from pd.transport.kv_copy import KVCopyPlan
 
     def copy_request() -> None:
+        plan = KVCopyPlan(src_ids, dst_ids, 0, num_tokens, BLOCK_SIZE)
         for layer in range(NUM_LAYERS):
-            if use_index_copy:
-                dst_blocks[layer].index_copy_(1, dst_ids, src_blocks[layer].index_select(1, src_ids))
-            else:
-                copy_blocks(src_blocks[layer], dst_blocks[layer], src_ids, dst_ids)
+            plan.copy_layer(src_pool[layer], dst_pool[layer])
 
     return copy_request
 
 
-def block_tables(num_tokens: int, num_src: int, num_dst: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def churned_table(num_blocks: int, need: int, seed: int) -> list[int]:
+    """The block table a BlockPool (prefix caching on) hands out after a few hundred
+    requests of 4-128 blocks came and went in random order, a quarter of it kept free."""
+    from engine.kv_cache.block_pool import BlockPool
+
+    rng, pool, live, next_hash = random.Random(seed), BlockPool(num_blocks), [], 0
+    for _ in range(300):
+        if live and (pool.num_free_blocks < num_blocks // 4 or rng.random() < 0.45):
+            pool.free(list(reversed(live.pop(rng.randrange(len(live))))))  # tail first, as the engine does
+            continue
+        table = pool.allocate(min(rng.randint(4, 128), pool.num_free_blocks))
+        for bid in table:
+            next_hash += 1
+            pool.cache_block(bid, next_hash, (next_hash,))
+        live.append(table)
+    while pool.num_free_blocks < need:
+        pool.free(list(reversed(live.pop(0))))
+    return pool.allocate(need)
+
+
+def block_tables(num_tokens: int, num_src: int, num_dst: int) -> dict[str, tuple[list[int], list[int]]]:
+    """Source and destination block tables: "fresh" = what BlockPools of freshly started
+    nodes hand out, "churn" = after a long mixed workload, "random" = the worst case."""
+    from engine.kv_cache.block_pool import BlockPool
+
     gen = torch.Generator().manual_seed(num_tokens)
     n = num_tokens // BLOCK_SIZE
-    half = num_dst // 2  # the two tables write disjoint halves of the destination pool
-    return {"random": (torch.randperm(num_src, generator=gen)[:n], torch.randperm(half, generator=gen)[:n]),
-            "seq": (torch.arange(n), torch.arange(half, half + n))}
+    return {"fresh": (BlockPool(num_src).allocate(n), BlockPool(num_dst).allocate(n)),
+            "churn": (churned_table(num_src, n, seed=1), churned_table(num_dst, n, seed=2)),
+            "random": (torch.randperm(num_src, generator=gen)[:n].tolist(),
+                       torch.randperm(num_dst, generator=gen)[:n].tolist())}
 
 
-def measure_size(num_tokens: int, stub, tcp_port: int, src_blocks: torch.Tensor, dst_blocks: torch.Tensor,
+def measure_size(num_tokens: int, channel, tcp_port: int, src_pool: torch.Tensor, dst_pool: torch.Tensor,
                  dst_slots: torch.Tensor, mem: tuple[torch.Tensor, torch.Tensor], repeats: int,
                  pids: tuple[int, ...]) -> dict:
     num_bytes = num_tokens * BYTES_PER_TOKEN
-    tables = block_tables(num_tokens, src_blocks.shape[2], dst_blocks.shape[2])
+    tables = block_tables(num_tokens, src_pool.shape[2] // BLOCK_SIZE, dst_pool.shape[2] // BLOCK_SIZE)
+    shm_runs = {f"shm_{name}": shm_copy(src_pool, dst_pool, *ids, num_tokens) for name, ids in tables.items()}
     runs = {"tcp": raw_tcp_receive(tcp_port, num_bytes),
-            **{f"grpc{m >> 20}M": grpc_receive(stub, num_tokens, m, dst_slots) for m in MESSAGE_SIZES},
-            "pb": grpc_receive(stub, num_tokens, MESSAGE_SIZES[0], dst_slots, serializer="pb"),
+            **{f"grpc{m >> 20}M": grpc_receive(channel, num_tokens, m, dst_slots) for m in MESSAGE_SIZES},
+            "pb": grpc_receive(channel, num_tokens, MESSAGE_SIZES[0], dst_slots, serializer="pb"),
+            "grpc_raw": grpc_receive(channel, num_tokens, SEND_SIZE, dst_slots, serializer="raw"),
             "memcpy": lambda: mem[1][:num_bytes].copy_(mem[0][:num_bytes]),
-            "shm": shm_copy(src_blocks, dst_blocks, *tables["random"]),
-            "shm_seq": shm_copy(src_blocks, dst_blocks, *tables["seq"]),
-            "shm_idx": shm_copy(src_blocks, dst_blocks, *tables["random"], use_index_copy=True)}
+            **shm_runs}
     times = best_times(runs, repeats, pids)
-    for src_ids, dst_ids in tables.values():
-        assert torch.equal(dst_blocks[:, :, dst_ids], src_blocks[:, :, src_ids]), "shm copy is wrong"
+    for name, (src_ids, dst_ids) in tables.items():  # each table overwrites the others' blocks
+        shm_runs[f"shm_{name}"]()
+        pos = torch.arange(num_tokens)
+        src = torch.tensor(src_ids)[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        dst = torch.tensor(dst_ids)[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        assert torch.equal(dst_pool[:, :, dst], src_pool[:, :, src]), f"shm copy ({name} tables) is wrong"
+    assert torch.equal(dst_slots[:, :, :num_tokens], src_pool[:, :, :num_tokens]), "gRPC copy is wrong"
     return {"tokens": num_tokens, "bytes": num_bytes,
             **{name: num_bytes / wall / MB for name, (wall, _) in times.items()},
             "cpu": {name: cpu / (num_bytes / 1e9) for name, (_, cpu) in times.items()}}
@@ -242,44 +301,45 @@ def verdict(ratio: float) -> str:
 def print_cpu_table(rows: list[dict]) -> None:
     """CPU ms per GB moved, both processes, all threads (mean of the runs). It varies less
     than throughput when other programs share the cores, though OpenMP spin-waits still
-    inflate the torch-threaded columns (memcpy, idx)."""
-    names = ["tcp", "grpc1M", "grpc4M", "pb", "memcpy", "shm", "shm_seq", "shm_idx"]
-    print(f"\nCPU ms per GB (both processes){'':>4}" + "".join(f"{n:>8}" for n in names)
+    inflate the torch-threaded memcpy column."""
+    names = ["tcp", "grpc_raw", "grpc1M", "grpc4M", "pb", "memcpy", "shm_fresh", "shm_churn", "shm_random"]
+    print(f"\nCPU ms per GB (both processes){'':>4}" + "".join(f"{n.replace('shm_', ''):>8}" for n in names)
           + f"{'TCP/gRPC':>9}{'mem/shm':>8}")
     for r in rows:
         cpu = r["cpu"]
         grpc_cpu = min(cpu["grpc1M"], cpu["grpc4M"])
         print(f"{r['tokens']:>6} tokens{'':>24}" + "".join(f"{cpu[n] * 1e3:>8.0f}" for n in names)
-              + f"{cpu['tcp'] / grpc_cpu:>9.0%}{cpu['memcpy'] / cpu['shm']:>8.0%}")
+              + f"{cpu['tcp'] / max(grpc_cpu, 1e-9):>9.0%}{cpu['memcpy'] / max(cpu['shm_fresh'], 1e-9):>8.0%}")
 
 
 def print_table(rows: list[dict], repeats: int) -> None:
     print(f"\nKV transfer, {BYTES_PER_TOKEN:,} bytes/token ({NUM_LAYERS} layers x k,v x {NUM_KV_HEADS} "
           f"heads x {HEAD_DIM} dim x bf16); MB/s (1e6 bytes/s), best of {repeats}")
-    head = (f"{'tokens':>6} {'MB':>6} | {'TCP':>6} {'gRPC 1M':>7} {'gRPC 4M':>7} {'pb 1M':>6} "
-            f"{'gRPC/TCP':>8} {'>=50%':>5} | {'memcpy':>6} {'shm':>6} {'seq':>6} {'idx':>6} "
-            f"{'shm/mem':>7} {'>=50%':>5}")
+    head = (f"{'tokens':>6} {'MB':>6} | {'TCP':>6} {'raw':>6} {'gRPC 1M':>7} {'gRPC 4M':>7} {'pb 1M':>6} "
+            f"{'gRPC/TCP':>8} {'>=50%':>5} | {'memcpy':>6} {'fresh':>6} {'churn':>6} {'random':>6} "
+            f"{'shm/mem':>7} {'>=50%':>5} {'churn':>6} {'random':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
         grpc_best = max(r[f"grpc{m >> 20}M"] for m in MESSAGE_SIZES)
-        g_ratio, s_ratio = grpc_best / r["tcp"], r["shm"] / r["memcpy"]
-        print(f"{r['tokens']:>6} {r['bytes'] / MB:>6.1f} | {r['tcp']:>6.0f} {r['grpc1M']:>7.0f} "
+        g_ratio, s_ratio = grpc_best / r["tcp"], r["shm_fresh"] / r["memcpy"]
+        print(f"{r['tokens']:>6} {r['bytes'] / MB:>6.1f} | {r['tcp']:>6.0f} {r['grpc_raw']:>6.0f} {r['grpc1M']:>7.0f} "
               f"{r['grpc4M']:>7.0f} {r['pb']:>6.0f} {g_ratio:>8.0%} {verdict(g_ratio):>5} | "
-              f"{r['memcpy']:>6.0f} {r['shm']:>6.0f} {r['shm_seq']:>6.0f} {r['shm_idx']:>6.0f} "
-              f"{s_ratio:>7.0%} {verdict(s_ratio):>5}")
+              f"{r['memcpy']:>6.0f} {r['shm_fresh']:>6.0f} {r['shm_churn']:>6.0f} {r['shm_random']:>6.0f} "
+              f"{s_ratio:>7.0%} {verdict(s_ratio):>5} {r['shm_churn'] / r['memcpy']:>6.0%} "
+              f"{r['shm_random'] / r['memcpy']:>6.0%}")
     print_cpu_table(rows)
     totals = {m: sum(r["bytes"] / r[f"grpc{m >> 20}M"] for r in rows) for m in MESSAGE_SIZES}
     print(f"gRPC configuration: {min(totals, key=totals.get) >> 20} MiB messages (least total time), "
-          "max send/receive message length 16 MiB, wire.kv_chunk_message serializer, glibc malloc "
-          "tuned (wire.tune_malloc_for_kv_messages); pb = PrefillMessage.SerializeToString")
-    print("shm = copy_blocks with random block tables (the ratio uses this), seq = consecutive "
-          "tables, idx = index_select/index_copy_ with random tables")
+          "max send/receive message length 16 MiB, wire.kv_messages packing, glibc malloc "
+          "tuned (wire.tune_malloc_for_kv_messages); pb = PrefillMessage.SerializeToString; raw = gRPC "
+          "alone (prebuilt 1 MiB byte strings, nothing decoded): the ceiling for any gRPC transport here")
+    print("shm = KVCopyPlan.copy_layer per layer; block tables: fresh = BlockPools of freshly started "
+          "nodes (shm/mem uses this), churn = BlockPools after a long mixed workload, random = worst case")
 
 
 def run(token_counts: list[int], threads: int, repeats: int) -> list[dict]:
     import grpc
-    from pd._generated import prefill_pb2_grpc
     from pd.transport.shm import SharedKVBuffer
     from pd.transport.wire import tune_malloc_for_kv_messages
 
@@ -292,18 +352,17 @@ def run(token_counts: list[int], threads: int, repeats: int) -> list[dict]:
     peer.start()
     shm_name, shm_size, grpc_port, tcp_port = conn.recv()
 
-    dst_blocks = torch.zeros(pool_shape(2 * max_tokens // BLOCK_SIZE), dtype=DTYPE)  # our own pools
+    dst_pool = torch.zeros(pool_shape(2 * max_tokens // BLOCK_SIZE), dtype=DTYPE)  # our own pools
     dst_slots = torch.zeros(NUM_LAYERS, 2, max_tokens, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE)
     num_bytes = BYTES_PER_TOKEN * max_tokens
     mem = torch.ones(num_bytes, dtype=torch.uint8), torch.zeros(num_bytes, dtype=torch.uint8)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=GRPC_OPTIONS)
-    stub = prefill_pb2_grpc.PrefillServiceStub(channel)
     with SharedKVBuffer.attach(shm_name, shm_size) as shm:
-        src_blocks = shm.tensor(DTYPE).view(pool_shape(max_tokens // BLOCK_SIZE))
+        src_pool = shm.tensor(DTYPE).view(pool_shape(2 * max_tokens // BLOCK_SIZE))
         pids = (os.getpid(), peer.pid)
-        rows = [measure_size(n, stub, tcp_port, src_blocks, dst_blocks, dst_slots, mem, repeats, pids)
+        rows = [measure_size(n, channel, tcp_port, src_pool, dst_pool, dst_slots, mem, repeats, pids)
                 for n in token_counts]
-        del src_blocks
+        del src_pool
     channel.close()
     conn.send("done")
     peer.join(timeout=30)

@@ -320,6 +320,8 @@ def test_prefill_node_counts_a_transfer_whose_stream_is_dropped_after_done(tmp_p
         n = 0
         async for msg in stream:
             n += 1
+            if isinstance(msg, bytes):  # KV messages come pre-serialized
+                msg = pb.PrefillMessage.FromString(msg)
             if msg.WhichOneof("payload") == "done":
                 break
         await stream.aclose()  # what a cancelled RPC does to the handler once "done" is out

@@ -364,8 +364,8 @@ def test_a_transfer_deadline_counts_as_a_timeout():
             pass
 
     def reason_for(code) -> str:
-        stub = SimpleNamespace(Prefill=lambda message, timeout: Call(code))
-        peer = SimpleNamespace(stub=stub, local_pool=None, transport="grpc", address="127.0.0.1:1")
+        peer = SimpleNamespace(prefill_stream=lambda message, timeout: Call(code), local_pool=None,
+                               transport="grpc", address="127.0.0.1:1")
         t = Transfer("req-0", peer, list(range(32)), 0, [0, 1], pb.PrefillRequest(), False)
         with pytest.raises(TransferFailed) as info:
             DecodeConnector([], PDPolicy(first_chunk_timeout_s=30))._stream(t)

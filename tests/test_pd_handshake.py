@@ -17,6 +17,7 @@ import pytest
 
 from pd._generated import prefill_pb2 as pb
 from pd._generated import prefill_pb2_grpc as pb_grpc
+from pd.transport.fingerprint import PROTOCOL_VERSION
 from server_utils import MODEL, free_port, parse_metrics, start_process
 from tiny_models import build_tiny_model_dir
 
@@ -137,7 +138,7 @@ def stubs(nodes):
         ch.close()
 
 
-def handshake(stub, model=None, kv=None, version: int = 1, transports=("grpc",), host_id: str = "test-host"):
+def handshake(stub, model=None, kv=None, version: int = PROTOCOL_VERSION, transports=("grpc",), host_id: str = "test-host"):
     return stub.Handshake(pb.HandshakeRequest(protocol_version=version, model=model, kv=kv,
                                               transports=list(transports), host_id=host_id,
                                               node_id="decode-test"), timeout=10)
@@ -164,7 +165,7 @@ def test_handshake_accepts_an_identical_peer(stubs, bundled_identity):
     model, kv = bundled_identity
     reply = handshake(stubs["pf_bf16"], model, kv)
     assert reply.accepted and reply.reason == ""
-    assert reply.transport == "grpc" and reply.protocol_version == 1 and reply.max_model_len == 2048
+    assert reply.transport == "grpc" and reply.protocol_version == PROTOCOL_VERSION and reply.max_model_len == 2048
     assert reply.node_id.startswith("prefill-")
 
 
@@ -194,7 +195,7 @@ def test_handshake_refuses_another_model(stubs, bundled_identity):
 
 def test_handshake_refuses_another_protocol_version(stubs, bundled_identity):
     model, kv = bundled_identity
-    reply = handshake(stubs["pf_bf16"], model, kv, version=2)
+    reply = handshake(stubs["pf_bf16"], model, kv, version=PROTOCOL_VERSION - 1)  # an older peer
     assert not reply.accepted and "protocol version" in reply.reason, reply.reason
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pd.transport.cuda_ipc import export_handle, import_handle
-from pd.transport.shm import SharedKVBuffer, copy_blocks
+from pd.transport.shm import SharedKVBuffer
 
 SIZE = 64 * 1024
 
@@ -126,52 +126,6 @@ def test_leaving_the_with_block_on_an_error_keeps_that_error():
     del view
     buf.close()
     assert not _shm_exists(buf.name)
-
-
-def _pools(num_src: int = 12, num_dst: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    src = torch.randn(3, 2, num_src, 4, 2, 8, generator=g).to(torch.bfloat16)  # [layer, kv, block, ...]
-    return src, torch.zeros(3, 2, num_dst, 4, 2, 8, dtype=torch.bfloat16)
-
-
-@pytest.mark.parametrize("src_ids,dst_ids", [
-    ([5, 0, 11, 3, 7], [19, 2, 4, 0, 8]),           # scattered
-    (list(range(2, 10)), list(range(10, 18))),       # one run
-    (list(range(9, 1, -1)), list(range(17, 9, -1))),  # one run, listed backwards
-    ([0, 1, 2, 6, 7, 8], [3, 4, 5, 12, 13, 14]),     # two runs
-])
-def test_copy_blocks_matches_index_copy(src_ids, dst_ids):
-    src, dst = _pools()
-    expected = dst.clone()
-    s, d = torch.tensor(src_ids), torch.tensor(dst_ids)
-    expected[1].index_copy_(1, d, src[1].index_select(1, s))
-    copy_blocks(src[1], dst[1], src_ids, torch.tensor(dst_ids))
-    assert torch.equal(dst, expected)
-
-
-def test_copy_blocks_over_a_whole_pool_and_from_shared_memory():
-    src, dst = _pools()
-    with SharedKVBuffer.create(src.numel() * src.element_size()) as buf:
-        shared = buf.tensor(torch.bfloat16).view(src.shape)
-        shared.copy_(src)
-        copy_blocks(shared, dst, [4, 9], [0, 1], dim=2)
-        del shared
-    assert torch.equal(dst[:, :, :2], src[:, :, [4, 9]])
-    assert dst[:, :, 2:].abs().sum() == 0
-
-
-def test_copy_blocks_rejects_bad_ids_and_layouts():
-    src, dst = _pools()
-    with pytest.raises(IndexError, match="source block ids"):
-        copy_blocks(src[0], dst[0], [12], [0])
-    with pytest.raises(IndexError, match="destination block ids"):
-        copy_blocks(src[0], dst[0], [0], [-1])
-    with pytest.raises(ValueError, match="2 source and 1 destination"):
-        copy_blocks(src[0], dst[0], [0, 1], [0])
-    with pytest.raises(ValueError, match="matching block layouts"):
-        copy_blocks(src[0], dst[0].float(), [0], [0])
-    with pytest.raises(ValueError, match="contiguous"):
-        copy_blocks(src[0].transpose(2, 3), dst[0].transpose(2, 3), [0], [0])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")

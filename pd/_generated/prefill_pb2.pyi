@@ -154,6 +154,12 @@ class KVChunk(_message.Message):
     v_scale: float
     def __init__(self, layer: _Optional[int] = ..., start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ..., k_scale: _Optional[float] = ..., v_scale: _Optional[float] = ...) -> None: ...
 
+class KVBatch(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[KVChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[KVChunk, _Mapping]]] = ...) -> None: ...
+
 class LocalChunk(_message.Message):
     __slots__ = ("layer", "start", "num_tokens", "block_ids")
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -197,14 +203,16 @@ class PrefillDone(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., logprobs: _Optional[_Union[TokenLogprob, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., num_tokens: _Optional[int] = ..., lease_id: _Optional[int] = ..., num_kv_messages: _Optional[int] = ...) -> None: ...
 
 class PrefillMessage(_message.Message):
-    __slots__ = ("kv", "local", "done")
+    __slots__ = ("kv", "local", "done", "kv_batch")
     KV_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    KV_BATCH_FIELD_NUMBER: _ClassVar[int]
     kv: KVChunk
     local: LocalChunk
     done: PrefillDone
-    def __init__(self, kv: _Optional[_Union[KVChunk, _Mapping]] = ..., local: _Optional[_Union[LocalChunk, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ...) -> None: ...
+    kv_batch: KVBatch
+    def __init__(self, kv: _Optional[_Union[KVChunk, _Mapping]] = ..., local: _Optional[_Union[LocalChunk, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ..., kv_batch: _Optional[_Union[KVBatch, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("lease_id",)

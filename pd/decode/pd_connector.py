@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 import numpy as np
 import torch
 
@@ -23,8 +24,9 @@ from engine.request import Request
 from pd._generated import prefill_pb2 as pb
 from pd.decode.prefill_peer import PrefillPeer, _describe
 from pd.transport.fingerprint import engine_fingerprint, engine_kv_spec
+from pd.transport.kv_copy import KVCopyPlan
 from pd.transport.messages import done_to_result, sampling_to_pb
-from pd.transport.wire import decode_kv, dtype_name
+from pd.transport.wire import KVChunkView, decode_kv, dtype_name, read_kv_message
 
 logger = logging.getLogger("pd.decode.transfer")
 
@@ -55,6 +57,7 @@ class Transfer:
     wants_logprobs: bool
     cancelled: threading.Event = field(default_factory=threading.Event)
     call: object = None
+    copy_plan: tuple | None = None  # local transport: (chunk key, KVCopyPlan) of the last chunk
 
 
 class TransferFailed(Exception):
@@ -222,10 +225,10 @@ class DecodeConnector(KVConnector):
 
     def _stream(self, t: Transfer):
         peer = t.peer
-        stub, local_pool = peer.stub, peer.local_pool
-        if stub is None:
+        prefill, local_pool = peer.prefill_stream, peer.local_pool
+        if prefill is None:
             raise TransferFailed("prefill node disconnected", peer_down=True)
-        call = stub.Prefill(t.message, timeout=self.policy.transfer_timeout_s)
+        call = prefill(t.message, timeout=self.policy.transfer_timeout_s)
         t.call = call
         if t.cancelled.is_set():
             call.cancel()
@@ -233,13 +236,19 @@ class DecodeConnector(KVConnector):
         timer.start()
         nbytes, first, count = 0, True, 0
         try:
-            for msg in call:
+            for data in call:
                 if first:
                     timer.cancel()
                     first = False
-                kind = msg.WhichOneof("payload")
+                try:
+                    chunks = read_kv_message(data)  # KV is read in place, without a protobuf copy
+                    msg = pb.PrefillMessage.FromString(data) if chunks is None else None
+                except (ValueError, DecodeError) as exc:
+                    raise TransferFailed(f"corrupt message in the KV stream: {exc}") from None
+                kind = "kv" if chunks is not None else msg.WhichOneof("payload")
                 if kind == "kv":
-                    nbytes += self._write_kv(t, msg.kv)
+                    for chunk in chunks:
+                        nbytes += self._write_kv(t, chunk)
                 elif kind == "local":
                     nbytes += self._copy_local(t, msg.local, local_pool)
                 elif kind == "done":
@@ -277,7 +286,7 @@ class DecodeConnector(KVConnector):
         pos = torch.arange(start, start + n)
         return torch.tensor(block_ids, dtype=torch.long)[pos // bs] * bs + pos % bs
 
-    def _write_kv(self, t: Transfer, chunk: pb.KVChunk) -> int:
+    def _write_kv(self, t: Transfer, chunk: KVChunkView) -> int:
         self._check_range(t, chunk.layer, chunk.start, chunk.num_tokens)
         if t.cancelled.is_set():
             raise TransferFailed("aborted")
@@ -310,21 +319,18 @@ class DecodeConnector(KVConnector):
         if src_pool is None:
             raise TransferFailed("local KV message but no shared pool is mapped", peer_down=True)
         self._check_range(t, chunk.layer, chunk.start, chunk.num_tokens)
-        bs = self.pool.layout.block_size
-        if (chunk.start + chunk.num_tokens - 1) // bs >= len(chunk.block_ids) or \
-                max(chunk.block_ids) * bs >= src_pool.shape[2]:
-            raise TransferFailed("corrupt local KV message: block ids outside the shared pool")
         if t.cancelled.is_set():
             raise TransferFailed("aborted")
-        src = self._slots(list(chunk.block_ids), chunk.start, chunk.num_tokens)
-        dst = self._slots(t.block_ids, chunk.start, chunk.num_tokens)
-        layer, src_layer = self.pool.data[chunk.layer], src_pool[chunk.layer]
-        if layer.device.type == "cpu":
-            si, di = src.numpy(), dst.numpy()
-            for kv in (0, 1):
-                _rows(layer[kv])[di] = _rows(src_layer[kv])[si]
-        else:
-            layer.index_copy_(1, dst.to(layer.device), src_layer.index_select(1, src.to(layer.device)))
+        bs = self.pool.layout.block_size
+        key = (chunk.start, chunk.num_tokens, tuple(chunk.block_ids))
+        if t.copy_plan is None or t.copy_plan[0] != key:  # every layer of a chunk shares one plan
+            try:
+                plan = KVCopyPlan(chunk.block_ids, t.block_ids, chunk.start, chunk.num_tokens, bs,
+                                  src_num_blocks=src_pool.shape[2] // bs, dst_num_blocks=self.pool.data.shape[2] // bs)
+            except ValueError as exc:
+                raise TransferFailed(f"corrupt local KV message: {exc}") from None
+            t.copy_plan = key, plan
+        t.copy_plan[1].copy_layer(src_pool[chunk.layer], self.pool.data[chunk.layer])
         return 2 * chunk.num_tokens * self.pool.layout.num_kv_heads * self.pool.layout.head_dim * \
             self.pool.layout.itemsize
 

@@ -37,6 +37,7 @@ class PrefillPeer:
         self.lock = threading.Lock()
         self.channel: grpc.Channel | None = None
         self.stub: pb_grpc.PrefillServiceStub | None = None
+        self.prefill_stream = None      # Prefill with raw responses (read by wire.read_kv_message)
         self.transport: str | None = None
         self.shm = None
         self.local_pool = None          # torch view [layers, 2, slots, heads, dim] of the peer's pool
@@ -73,6 +74,9 @@ class PrefillPeer:
         with self.lock:
             self.close()
             self.channel, self.stub, self.transport = channel, stub, reply.transport
+            self.prefill_stream = channel.unary_stream(
+                "/pd.v1.PrefillService/Prefill", request_serializer=pb.PrefillRequest.SerializeToString,
+                response_deserializer=None)
             self.shm, self.local_pool = local if local else (None, None)
             self.healthy, self.refused = True, None
             self.backoff_s = MIN_BACKOFF_S
@@ -98,7 +102,7 @@ class PrefillPeer:
         """Drops the channel and the shared-memory mapping (caller holds the lock or owns the peer)."""
         if self.channel is not None:
             self.channel.close()
-        self.channel = self.stub = None
+        self.channel = self.stub = self.prefill_stream = None
         self.local_pool = None
         if self.shm is not None:
             try:

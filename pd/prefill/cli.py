@@ -16,11 +16,10 @@ from pd.transport.wire import tune_malloc_for_kv_messages
 from engine.args import add_engine_args, builder_from_args, setup_logging
 from engine.async_engine import AsyncEngine
 from pd._generated import prefill_pb2 as pb
-from pd._generated import prefill_pb2_grpc as pb_grpc
 from pd.decode.cli import add_router_args, default_model_name, make_reporter
 from pd.prefill.connector import PrefillConnector
 from pd.prefill.metrics import PrefillMetrics
-from pd.prefill.service import DEFAULT_MAX_MESSAGE_BYTES, PrefillServicer
+from pd.prefill.service import DEFAULT_MAX_MESSAGE_BYTES, PrefillServicer, add_servicer
 
 logger = logging.getLogger("pd.prefill")
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -94,7 +93,7 @@ class PrefillNode:
     async def serve(self) -> int:
         args = self.args
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_PrefillServiceServicer_to_server(self.servicer, server)
+        add_servicer(self.servicer, server)
         bound = server.add_insecure_port(f"{args.host}:{args.port}")
         if not bound:
             logger.error("cannot listen on %s:%d", args.host, args.port)

@@ -15,7 +15,7 @@ from pd.prefill.connector import KVPiece, LocalPiece, PrefillConnector, StreamSi
 from pd.transport.fingerprint import PROTOCOL_VERSION, engine_fingerprint, engine_kv_spec, host_id, incompatibility
 from pd.transport.messages import (fingerprint_from_pb, fingerprint_to_pb, kv_spec_from_pb, kv_spec_to_pb,
                                    logprobs_to_pb, sampling_from_pb)
-from pd.transport.wire import dtype_name, encode_kv, split_token_ranges
+from pd.transport.wire import dtype_from_name, kv_messages
 
 logger = logging.getLogger("pd.prefill")
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
@@ -90,14 +90,26 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self.connector.open_stream(req.request_id, sink)
         pump = asyncio.create_task(self._pump(req, queue))
         t0, num_msgs, num_bytes = time.monotonic(), 0, 0
+        pending = None
         try:
             while True:
-                item = await queue.get()
+                item, pending = (pending, None) if pending is not None else (await queue.get(), None)
                 if isinstance(item, KVPiece):
-                    for msg in self._kv_messages(item, wire):
+                    # pack the pieces that are ready now (the network is behind the model)
+                    pieces = [item]
+                    ready = item.k.numel() * 2 * item.k.element_size()
+                    while ready < self.max_message_bytes and not queue.empty():
+                        nxt = queue.get_nowait()
+                        if not isinstance(nxt, KVPiece):
+                            pending = nxt
+                            break
+                        pieces.append(nxt)
+                        ready += nxt.k.numel() * 2 * nxt.k.element_size()
+                    for msg in kv_messages([(p.layer, p.start, p.k, p.v) for p in pieces], wire,
+                                           self.max_message_bytes):
                         num_msgs += 1
-                        num_bytes += len(msg.kv.k) + len(msg.kv.v)
                         yield msg
+                    num_bytes += sum(_wire_bytes(p.k, wire) for p in pieces)
                 elif isinstance(item, LocalPiece):
                     num_msgs += 1
                     yield pb.PrefillMessage(local=pb.LocalChunk(layer=item.layer, start=item.start,
@@ -129,16 +141,6 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         except Exception as exc:  # engine died
             await queue.put(exc)
 
-    def _kv_messages(self, piece: KVPiece, wire: str | None):
-        n = piece.k.shape[0]
-        for start, count in split_token_ranges(piece.start, n, self.bytes_per_token, self.max_message_bytes):
-            off = start - piece.start
-            k, ks = encode_kv(piece.k[off:off + count], wire)
-            v, vs = encode_kv(piece.v[off:off + count], wire)
-            yield pb.PrefillMessage(kv=pb.KVChunk(layer=piece.layer, start=start, num_tokens=count,
-                                                  wire_dtype=wire or dtype_name(self.kv_dtype), k=k, v=v,
-                                                  k_scale=ks, v_scale=vs))
-
     def _log(self, request, transport: str, t0: float, num_bytes: int, cached: int) -> None:
         ms = (time.monotonic() - t0) * 1e3
         n = len(request.token_ids) - request.skip_tokens
@@ -151,3 +153,34 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                         request.request_id, n, cached, ms)
         if self.metrics is not None:
             self.metrics.prefill_done(transport, n, num_bytes, ms / 1e3)
+
+
+def _wire_bytes(k, wire: str | None) -> int:
+    """Bytes of KV (keys and values) that a [n, kv_heads, head_dim] piece takes on the wire."""
+    itemsize = dtype_from_name(wire).itemsize if wire else k.element_size()
+    return 2 * k.numel() * itemsize
+
+
+def _serialize(message) -> bytes:
+    """KV messages come pre-serialized (wire.kv_messages); the rest are protobuf objects."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_servicer(servicer: PrefillServicer, server) -> None:
+    """Registers the PrefillService on a grpc(.aio) server; the generated registration,
+    except that Prefill's stream may carry pre-serialized bytes."""
+    handlers = {
+        "Handshake": grpc.unary_unary_rpc_method_handler(
+            servicer.Handshake, request_deserializer=pb.HandshakeRequest.FromString,
+            response_serializer=pb.HandshakeResponse.SerializeToString),
+        "Prefill": grpc.unary_stream_rpc_method_handler(
+            servicer.Prefill, request_deserializer=pb.PrefillRequest.FromString, response_serializer=_serialize),
+        "Release": grpc.unary_unary_rpc_method_handler(
+            servicer.Release, request_deserializer=pb.ReleaseRequest.FromString,
+            response_serializer=pb.ReleaseResponse.SerializeToString),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health, request_deserializer=pb.HealthRequest.FromString,
+            response_serializer=pb.HealthResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pd.v1.PrefillService", handlers),))
+    server.add_registered_method_handlers("pd.v1.PrefillService", handlers)

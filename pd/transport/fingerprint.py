@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from engine.engine import LLMEngine
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 KV_LAYOUT = "layer,kv,slot,head,dim"
 
 

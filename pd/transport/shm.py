@@ -1,8 +1,7 @@
-"""POSIX shared memory backing for a KV pool (the local transport on CPU), and the block
-copy that moves a request's KV out of a peer's pool.
+"""POSIX shared memory backing for a KV pool (the local transport on CPU).
 
 The prefill node creates the pool in a SharedKVBuffer and sends its name at handshake;
-the decode node attaches by name and copies blocks out of it. Only the creator (owner)
+the decode node attaches by name and copies blocks out of it (pd.transport.kv_copy). Only the creator (owner)
 ever unlinks the segment: on close(), at interpreter exit, or, if it is killed, through
 multiprocessing's resource tracker. Attachers are never registered with a resource
 tracker, so their exit cannot unlink a segment the owner still uses.
@@ -20,10 +19,8 @@ import secrets
 import sys
 import threading
 import weakref
-from collections.abc import Sequence
 from multiprocessing import resource_tracker, shared_memory
 
-import numpy as np
 import torch
 
 _TRACKER_LOCK = threading.Lock()
@@ -148,71 +145,3 @@ class SharedKVBuffer:
     def __repr__(self) -> str:
         role = "owner" if self.is_owner else "attached"
         return f"SharedKVBuffer(name={self.name!r}, size={self.size}, {role})"
-
-
-def _block_rows(t: torch.Tensor, dim: int) -> np.ndarray:
-    """numpy's view of t as [*outer, num_blocks] items of one whole block each (no copy)."""
-    itemsize, expected = t.element_size(), 1
-    for n, stride in zip(reversed(t.shape[dim + 1:]), reversed(t.stride()[dim + 1:])):
-        if n > 1 and stride != expected:
-            raise ValueError(f"copy_blocks needs each block (dims after {dim}) contiguous, got "
-                             f"shape {tuple(t.shape)} strides {t.stride()}")
-        expected *= n
-    holder = _ArrayInterface(t, {
-        "version": 3, "data": (t.data_ptr(), False), "shape": tuple(t.shape[:dim + 1]),
-        "strides": tuple(s * itemsize for s in t.stride()[:dim + 1]),
-        "typestr": f"|V{expected * itemsize}"})
-    return np.asarray(holder)
-
-
-class _ArrayInterface:
-    def __init__(self, tensor: torch.Tensor, interface: dict):
-        self.tensor = tensor  # the numpy view's base: keeps the memory alive
-        self.__array_interface__ = interface
-
-
-def _ids(ids: Sequence[int] | torch.Tensor | np.ndarray, num_blocks: int, what: str) -> np.ndarray:
-    if isinstance(ids, torch.Tensor):
-        ids = ids.cpu().numpy()
-    arr = np.asarray(ids, dtype=np.intp).reshape(-1)
-    if arr.size and (arr.min() < 0 or arr.max() >= num_blocks):
-        raise IndexError(f"{what} block ids must lie in [0, {num_blocks}), got "
-                         f"{int(arr.min())}..{int(arr.max())}")
-    return arr
-
-
-def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_block_ids, dst_block_ids, dim: int = 1) -> None:
-    """dst's block dst_block_ids[i] = src's block src_block_ids[i], blocks indexed by `dim`.
-
-    For a layer of a KV pool ([2, num_blocks, block_size, kv_heads, head_dim]) dim is 1;
-    for a whole pool's blocks view, 2. Same result as
-    dst.index_copy_(dim, dst_ids, src.index_select(dim, src_ids)), but on CPU every block
-    moves by memcpy on the calling thread with the GIL released: blocks are scattered
-    straight from runs of consecutive source ids (one pass), or gathered then scattered
-    when the sources are scattered too (2-4x faster than torch's element-wise
-    index_copy_ either way, and no OpenMP team to wake).
-    """
-    if src.device.type != "cpu" or dst.device.type != "cpu":
-        src_idx = torch.as_tensor(src_block_ids, dtype=torch.long, device=src.device)
-        dst_idx = torch.as_tensor(dst_block_ids, dtype=torch.long, device=dst.device)
-        dst.index_copy_(dim, dst_idx, src.index_select(dim, src_idx).to(dst.device))
-        return
-    same_blocks = src.shape[:dim] == dst.shape[:dim] and src.shape[dim + 1:] == dst.shape[dim + 1:]
-    if src.dtype != dst.dtype or not same_blocks:
-        raise ValueError(f"copy_blocks needs matching block layouts, got {src.dtype}{tuple(src.shape)} "
-                         f"and {dst.dtype}{tuple(dst.shape)} (block dim {dim})")
-    si = _ids(src_block_ids, src.shape[dim], "source")
-    di = _ids(dst_block_ids, dst.shape[dim], "destination")
-    if si.size != di.size:
-        raise ValueError(f"copy_blocks got {si.size} source and {di.size} destination block ids")
-    if si.size == 0:
-        return
-    s, d = _block_rows(src, dim), _block_rows(dst, dim)
-    order = np.argsort(si, kind="stable")
-    si, di = si[order], di[order]
-    starts = [0, *(np.flatnonzero(si[1:] - si[:-1] != 1) + 1).tolist()]
-    if len(starts) > max(4, si.size // 16):
-        d[..., di] = s[..., si]  # scattered sources: gather, then scatter
-        return
-    for a, b in zip(starts, [*starts[1:], si.size]):
-        d[..., di[a:b]] = s[..., si[a]:si[b - 1] + 1]  # scatter straight from a source slice
