@@ -147,9 +147,9 @@ def _prefill_handler(kv: torch.Tensor):
 def prefill_process(conn, max_tokens: int, threads: int) -> None:
     import grpc
     from pd.transport.shm import SharedKVBuffer
-    from pd.transport.wire import tune_malloc_for_kv_messages
+    from engine.memory import tune_malloc
 
-    tune_malloc_for_kv_messages()
+    tune_malloc()
     torch.set_num_threads(threads)
     num_blocks = 2 * max_tokens // BLOCK_SIZE  # room for the request twice over
     shm = SharedKVBuffer.create(BYTES_PER_TOKEN * num_blocks * BLOCK_SIZE, name_prefix="pdbench")
@@ -332,7 +332,7 @@ def print_table(rows: list[dict], repeats: int) -> None:
     totals = {m: sum(r["bytes"] / r[f"grpc{m >> 20}M"] for r in rows) for m in MESSAGE_SIZES}
     print(f"gRPC configuration: {min(totals, key=totals.get) >> 20} MiB messages (least total time), "
           "max send/receive message length 16 MiB, wire.kv_messages packing, glibc malloc "
-          "tuned (wire.tune_malloc_for_kv_messages); pb = PrefillMessage.SerializeToString; raw = gRPC "
+          "tuned (engine.memory.tune_malloc); pb = PrefillMessage.SerializeToString; raw = gRPC "
           "alone (prebuilt 1 MiB byte strings, nothing decoded): the ceiling for any gRPC transport here")
     print("shm = KVCopyPlan.copy_layer per layer; block tables: fresh = BlockPools of freshly started "
           "nodes (shm/mem uses this), churn = BlockPools after a long mixed workload, random = worst case")
@@ -341,9 +341,9 @@ def print_table(rows: list[dict], repeats: int) -> None:
 def run(token_counts: list[int], threads: int, repeats: int) -> list[dict]:
     import grpc
     from pd.transport.shm import SharedKVBuffer
-    from pd.transport.wire import tune_malloc_for_kv_messages
+    from engine.memory import tune_malloc
 
-    tune_malloc_for_kv_messages()
+    tune_malloc()
     torch.set_num_threads(threads)
     max_tokens = max(token_counts)
     ctx = mp.get_context("spawn")

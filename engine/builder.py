@@ -10,6 +10,7 @@ import torch
 
 from engine.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig, parse_dtype
 from engine.engine import LLMEngine
+from engine.memory import huge_page_buffer, move_to_huge_pages, tune_malloc
 from engine.kv_cache.kv_pool import KVPool, plan_num_blocks
 from engine.kv_connector import KVConnector
 from engine.loader.base import ModelSource
@@ -75,6 +76,8 @@ class EngineBuilder:
         t0 = time.perf_counter()
         if self.device_cfg.num_threads:
             torch.set_num_threads(self.device_cfg.num_threads)
+        if not self.device_cfg.is_cuda:
+            tune_malloc()  # each step's MiB-sized activations reuse freed heap, no fresh page faults
         source = self.repo.open()
         dtype = self.device_cfg.resolve_dtype()
         device = self.device_cfg.torch_device
@@ -91,7 +94,10 @@ class EngineBuilder:
         free = torch.cuda.mem_get_info()[0] if self.device_cfg.is_cuda else 0
         layout = plan_num_blocks(source.config, self.cache_cfg, kv_dtype, max_len, sched.max_num_seqs,
                                  self.device_cfg.is_cuda, free)
-        buffer = self._kv_buffer(layout.total_bytes) if self._kv_buffer else None
+        if self._kv_buffer:
+            buffer = self._kv_buffer(layout.total_bytes)
+        else:
+            buffer = huge_page_buffer(layout.total_bytes) if device.type == "cpu" else None
         engine = LLMEngine(model, source.tokenizer, config, KVPool(layout, device, buffer), self._connector)
         engine.model_description = source.description
         logger.info("engine ready: %s, %s, max_model_len %d, %.1f s", source.description,
@@ -115,6 +121,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) ->
         method = getattr(module, "method", None)
         if method is not None:
             method.finalize(module)
+    if device.type == "cpu":
+        move_to_huge_pages(model)
     n = sum(p.numel() for p in model.parameters())
     logger.info("loaded %s: %s, %.1fM params, %s, %.1f s", source.config.architecture, source.description,
                 n / 1e6, str(dtype).replace("torch.", ""), time.perf_counter() - t0)

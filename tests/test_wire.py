@@ -6,8 +6,7 @@ import torch
 
 from pd._generated import prefill_pb2 as pb
 from pd.transport.wire import (DTYPE_NAMES, decode_kv, decode_kv_into, dtype_from_name, dtype_name,
-                               encode_kv, kv_chunk_message, split_token_ranges,
-                               tune_malloc_for_kv_messages)
+                               encode_kv, kv_chunk_message, split_token_ranges)
 
 SHAPE = (37, 3, 64)
 
@@ -147,13 +146,6 @@ def test_kv_chunk_message_parses_back_to_the_kv():
     c = msg.kv
     assert (c.layer, c.start, c.num_tokens, c.wire_dtype) == (7, 16, 37, "bfloat16")
     assert torch.equal(decode_kv(c.v, c.wire_dtype, c.v_scale, SHAPE, torch.bfloat16), t * 2)
-
-
-def test_tune_malloc_succeeds_on_glibc():
-    import platform
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("mallopt is glibc's")
-    assert tune_malloc_for_kv_messages() is True
 
 
 def test_wrong_byte_count_raises_corrupt_chunk():

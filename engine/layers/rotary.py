@@ -33,25 +33,45 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> to
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q/k laid out as [tokens, heads, head_dim] given absolute positions."""
+    """Applies RoPE to q/k laid out as [tokens, heads, head_dim] given absolute positions.
+
+    With x = [x1, x2] (the two halves of head_dim), rotate-half RoPE is
+    x * [cos, cos] + [x2, x1] * [-sin, sin]: one concatenation and a multiply-add per
+    tensor, in float32. The layers of one forward share their positions, so the cos/sin
+    rows gathered for them are kept while the positions stay the same.
+    """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None = None):
         super().__init__()
         inv = _inv_freq(head_dim, theta, scaling)
-        # float32 throughout, as the reference implementation computes it
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv.float())
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        cos, sin = freqs.cos(), freqs.sin()
+        self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)   # [P, D]
+        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)  # [P, D], signed
+        self._rows: tuple | None = None  # (a copy of the positions, cos rows, sin rows)
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows
+        # compared by value: a runner may refill one positions buffer in place every step
+        if rows is None or rows[0].shape != positions.shape or not torch.equal(rows[0], positions):
+            rows = self._rows = (positions.clone(), self.cos[positions].unsqueeze(1),
+                                 self.sin[positions].unsqueeze(1))
+        return rows[1], rows[2]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = self._cos_sin(positions)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """RoPE of one [tokens, heads, head_dim] tensor (e.g. q and k side by side)."""
+        cos, sin = self._cos_sin(positions)
+        return _rotate(x, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    x32 = x.float()
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
+    return torch.addcmul(x32 * cos, swapped, sin).to(x.dtype)

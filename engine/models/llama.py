@@ -38,15 +38,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-             self.num_kv_heads * self.head_dim], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        qkv = self.qkv_proj(x)
+        nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        v = qkv[:, nq + nk:].view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:  # q and k side by side: one rotation for both
+            qk = self.rotary.rotate(positions, qkv[:, :nq + nk].view(t, self.num_heads + self.num_kv_heads,
+                                                                      self.head_dim))
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        else:
+            q = self.q_norm(qkv[:, :nq].view(t, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, nq:nq + nk].view(t, self.num_kv_heads, self.head_dim))
+            q, k = self.rotary(positions, q, k)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(t, -1))
 

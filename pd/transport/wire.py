@@ -10,8 +10,6 @@ engine's own threads hold the cores.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import struct
 import sys
@@ -330,25 +328,3 @@ def split_token_ranges(start: int, num_tokens: int, bytes_per_token: int,
     step = max(1, max_message_bytes // bytes_per_token)
     end = start + num_tokens
     return [(s, min(step, end - s)) for s in range(start, end, step)]
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def tune_malloc_for_kv_messages(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
-    """Let glibc reuse freed MiB-sized buffers instead of mmap()ing fresh pages for each.
-
-    Every KV message allocates several MiB-sized buffers (protobuf arena, serialized
-    bytes, gRPC slices). By default glibc may serve them with new mappings whose
-    first-touch page faults cost more than the copies (measured ~20x per 1 MiB message
-    in a VM). Call once per process at startup; the process then keeps up to
-    trim_threshold bytes of freed heap. Same effect as the environment variable
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824.
-    Returns False where libc is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    is_set = mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-    return bool(is_set) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
