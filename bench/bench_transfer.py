@@ -5,7 +5,7 @@
 KV of the bundled model's shape (30 layers, 3 kv heads, head_dim 64, bfloat16: 23,040
 bytes per token) moves from a "prefill" process to this "decode" process:
   raw TCP  loopback socket, 1 MiB sends, received with recv_into a preallocated buffer
-  gRPC     a grpc.server streaming PrefillService.Prefill with all layers ready, packed as
+  gRPC     a grpc.aio server streaming PrefillService.Prefill with all layers ready, packed as
            PrefillServicer packs them (wire.kv_messages: messages of up to 1 MiB or 4 MiB,
            short layers batched in KVBatch); "pb" sends one PrefillMessage object per layer
            and range instead; the client reads raw responses as the decode node does
@@ -23,6 +23,7 @@ TCP, shm >= 50% of memcpy.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing as mp
 import os
 import random
@@ -31,7 +32,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 
 import torch
 
@@ -116,7 +116,7 @@ def _prefill_handler(kv: torch.Tensor):
 
     raw_payload = bytes(SEND_SIZE)
 
-    def prefill(request, context):
+    async def prefill(request, context):
         max_bytes, serializer = request.request_id.split("/")
         num_tokens, count = len(request.token_ids), 0
         if serializer == "raw":
@@ -158,17 +158,22 @@ def prefill_process(conn, max_tokens: int, threads: int) -> None:
         layer.copy_(torch.randn(layer.shape, dtype=torch.float32))
     del layer
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((_prefill_handler(kv),))
-    grpc_port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_serve_tcp, args=(listener,), daemon=True).start()
 
-    conn.send((shm.name, shm.size, grpc_port, listener.getsockname()[1]))
-    conn.recv()  # the benchmark is done
-    server.stop(grace=None).wait()
-    del server, kv  # the handler holds views of the pool
+    handler = _prefill_handler(kv)
+
+    async def serve(handler=handler) -> None:  # a grpc.aio server, as pd-prefill runs
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server.add_generic_rpc_handlers((handler,))
+        grpc_port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        conn.send((shm.name, shm.size, grpc_port, listener.getsockname()[1]))
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # the benchmark is done
+        await server.stop(grace=None)
+
+    asyncio.run(serve())
+    del handler, kv  # the handler holds views of the pool
     shm.close()
 
 
