@@ -121,8 +121,10 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) ->
         method = getattr(module, "method", None)
         if method is not None:
             method.finalize(module)
+    if hasattr(model, "finalize"):
+        model.finalize()
     if device.type == "cpu":
-        move_to_huge_pages(model)
+        move_to_huge_pages(model)  # the dense weights left (packed ones have their own memory)
     n = sum(p.numel() for p in model.parameters())
     logger.info("loaded %s: %s, %.1fM params, %s, %.1f s", source.config.architecture, source.description,
                 n / 1e6, str(dtype).replace("torch.", ""), time.perf_counter() - t0)

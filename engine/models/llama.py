@@ -9,7 +9,8 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.layers.attention import AttentionMetadata, paged_attention
-from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, linear,
+                                  pack_weight)
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
@@ -106,6 +107,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = Model(cfg, dtype)
         self.lm_head = (None if cfg.tie_word_embeddings
                         else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype))
+        self._packed_head: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -113,7 +115,16 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight if self._packed_head is None else self._packed_head).float()
+
+    def finalize(self) -> None:
+        """After loading: packs the output projection (a copy when it is the embedding's)."""
+        if self.lm_head is None:
+            self._packed_head = pack_weight(self.model.embed_tokens.weight)
+        else:
+            packed = pack_weight(self.lm_head.weight)
+            if packed is not None:
+                self.lm_head.weight = nn.Parameter(packed, requires_grad=False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies checkpoint tensors (HF names) into parameters; returns the names loaded."""
