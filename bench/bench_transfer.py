@@ -1,6 +1,6 @@
 """KV transfer benchmark: raw TCP, the gRPC transport, the shared-memory transport, memcpy.
 
-    python bench/bench_transfer.py [--threads 2] [--tokens 512 2048 8192] [--repeats 3]
+    python bench/bench_transfer.py [--threads 2] [--tokens 512 2048 8192] [--repeats 9]
 
 KV of the bundled model's shape (30 layers, 3 kv heads, head_dim 64, bfloat16: 23,040
 bytes per token) moves from a "prefill" process to this "decode" process:
@@ -16,7 +16,7 @@ bytes per token) moves from a "prefill" process to this "decode" process:
            "fresh" from the BlockPools of freshly started nodes (the ratio uses this),
            "churn" from BlockPools after a long mixed workload, "random" the worst case
   memcpy   torch copy_ of the same number of bytes between two preallocated tensors
-Every figure is the best of --repeats runs after a warm-up; the runs of all transports
+Every figure is the median of --repeats runs after a warm-up; the runs of all transports
 are interleaved so that a busy machine slows them alike. Targets: gRPC >= 50% of raw
 TCP, shm >= 50% of memcpy.
 """
@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import random
 import socket
+import statistics
 import struct
 import threading
 import time
@@ -64,21 +65,23 @@ def cpu_seconds(pids: tuple[int, ...]) -> float:
     return total / 1e9
 
 
-def best_times(runs: dict[str, Callable[[], None]], repeats: int,
-               pids: tuple[int, ...]) -> dict[str, tuple[float, float]]:
-    """(fastest wall seconds, mean CPU seconds of both processes) over `repeats` calls of
+def median_times(runs: dict[str, Callable[[], None]], repeats: int,
+                 pids: tuple[int, ...]) -> dict[str, tuple[float, float]]:
+    """(median wall seconds, mean CPU seconds of both processes) over `repeats` calls of
     each function, after one warm-up call each (page faults, connections, caches). The
-    rounds go over all functions in turn, so a busy machine slows them alike."""
+    rounds go over all functions in turn, so a busy machine slows them alike; the median
+    is not swayed by the one lucky or unlucky run that a best-of or a mean would keep."""
     for fn in runs.values():
         fn()
-    best, cpu = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, 0.0)
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    cpu = dict.fromkeys(runs, 0.0)
     for _ in range(repeats):
         for name, fn in runs.items():
             cpu_start, start = cpu_seconds(pids), time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            walls[name].append(time.perf_counter() - start)
             cpu[name] += (cpu_seconds(pids) - cpu_start) / repeats
-    return {name: (best[name], cpu[name]) for name in runs}
+    return {name: (statistics.median(walls[name]), cpu[name]) for name in runs}
 
 
 # ---- the prefill-side process ----------------------------------------------------------------
@@ -173,7 +176,7 @@ def prefill_process(conn, max_tokens: int, threads: int) -> None:
         await server.stop(grace=None)
 
     asyncio.run(serve())
-    del handler, kv  # the handler holds views of the pool
+    del serve, handler, kv  # the handler holds views of the pool
     shm.close()
 
 
@@ -284,7 +287,7 @@ def measure_size(num_tokens: int, channel, tcp_port: int, src_pool: torch.Tensor
             "grpc_raw": grpc_receive(channel, num_tokens, SEND_SIZE, dst_slots, serializer="raw"),
             "memcpy": lambda: mem[1][:num_bytes].copy_(mem[0][:num_bytes]),
             **shm_runs}
-    times = best_times(runs, repeats, pids)
+    times = median_times(runs, repeats, pids)
     for name, (src_ids, dst_ids) in tables.items():  # each table overwrites the others' blocks
         shm_runs[f"shm_{name}"]()
         pos = torch.arange(num_tokens)
@@ -303,6 +306,10 @@ def verdict(ratio: float) -> str:
     return "PASS" if ratio >= 0.5 else "FAIL"
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.0%}" if b > 1e-4 else "n/a"  # below the scheduler counters' resolution
+
+
 def print_cpu_table(rows: list[dict]) -> None:
     """CPU ms per GB moved, both processes, all threads (mean of the runs). It varies less
     than throughput when other programs share the cores, though OpenMP spin-waits still
@@ -314,12 +321,12 @@ def print_cpu_table(rows: list[dict]) -> None:
         cpu = r["cpu"]
         grpc_cpu = min(cpu["grpc1M"], cpu["grpc4M"])
         print(f"{r['tokens']:>6} tokens{'':>24}" + "".join(f"{cpu[n] * 1e3:>8.0f}" for n in names)
-              + f"{cpu['tcp'] / max(grpc_cpu, 1e-9):>9.0%}{cpu['memcpy'] / max(cpu['shm_fresh'], 1e-9):>8.0%}")
+              + f"{_ratio(cpu['tcp'], grpc_cpu):>9}{_ratio(cpu['memcpy'], cpu['shm_fresh']):>8}")
 
 
 def print_table(rows: list[dict], repeats: int) -> None:
     print(f"\nKV transfer, {BYTES_PER_TOKEN:,} bytes/token ({NUM_LAYERS} layers x k,v x {NUM_KV_HEADS} "
-          f"heads x {HEAD_DIM} dim x bf16); MB/s (1e6 bytes/s), best of {repeats}")
+          f"heads x {HEAD_DIM} dim x bf16); MB/s (1e6 bytes/s), median of {repeats}")
     head = (f"{'tokens':>6} {'MB':>6} | {'TCP':>6} {'raw':>6} {'gRPC 1M':>7} {'gRPC 4M':>7} {'pb 1M':>6} "
             f"{'gRPC/TCP':>8} {'>=50%':>5} | {'memcpy':>6} {'fresh':>6} {'churn':>6} {'random':>6} "
             f"{'shm/mem':>7} {'>=50%':>5} {'churn':>6} {'random':>6}")
@@ -378,7 +385,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     if any(n <= 0 or n % BLOCK_SIZE for n in args.tokens):
         parser.error(f"--tokens must be positive multiples of the block size {BLOCK_SIZE}")
