@@ -107,3 +107,18 @@ def test_bad_tables_and_layers_are_refused():
     with pytest.raises(ValueError, match="contiguous"):
         KVCopyPlan(list(range(8)), list(range(7, -1, -1)), 0, 32, 4).copy_layer(
             src.transpose(2, 3), dst.transpose(2, 3))
+
+
+@pytest.mark.parametrize("src_blocks,dst_blocks", [
+    (list(range(2, 10)), list(range(10, 18))),
+    ([5, 31, 0, 11, 3, 7, 22, 9, 14, 27], [19, 2, 4, 0, 8, 33, 25, 11, 38, 15]),
+])
+def test_the_device_path_matches_index_copy(src_blocks, dst_blocks):
+    """The torch-op path that GPU pools take, run here on CPU tensors."""
+    bs = 4
+    src, dst = _layers(32, 40, bs)
+    start, n = 3, len(src_blocks) * bs - 5
+    plan = KVCopyPlan(src_blocks, dst_blocks, start, n, bs)
+    expected = _expected(src, dst, src_blocks, dst_blocks, start, n, bs)
+    plan._copy_torch(src, dst)
+    assert torch.equal(dst, expected)
