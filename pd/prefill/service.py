@@ -35,9 +35,6 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self.host_id = host_id()
         self.node_id = f"prefill-{uuid.uuid4().hex[:8]}"
         self.max_model_len = llm.max_model_len
-        lay = llm.pool.layout
-        self.kv_dtype = lay.dtype
-        self.bytes_per_token = lay.num_kv_heads * lay.head_dim * lay.itemsize * 2
 
     async def Handshake(self, request: pb.HandshakeRequest, context) -> pb.HandshakeResponse:
         reason = incompatibility(self.fingerprint, self.kv_spec, fingerprint_from_pb(request.model),
@@ -93,18 +90,19 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         pending = None
         try:
             while True:
-                item, pending = (pending, None) if pending is not None else (await queue.get(), None)
+                if pending is not None:
+                    item, pending = pending, None
+                else:
+                    item = await queue.get()
                 if isinstance(item, KVPiece):
                     # pack the pieces that are ready now (the network is behind the model)
-                    pieces = [item]
-                    ready = item.k.numel() * 2 * item.k.element_size()
+                    pieces, ready = [item], _wire_bytes(item.k, wire)
                     while ready < self.max_message_bytes and not queue.empty():
-                        nxt = queue.get_nowait()
-                        if not isinstance(nxt, KVPiece):
-                            pending = nxt
+                        pending = queue.get_nowait()
+                        if not isinstance(pending, KVPiece):
                             break
-                        pieces.append(nxt)
-                        ready += nxt.k.numel() * 2 * nxt.k.element_size()
+                        pieces.append(pending)
+                        ready, pending = ready + _wire_bytes(pending.k, wire), None
                     for msg in kv_messages([(p.layer, p.start, p.k, p.v) for p in pieces], wire,
                                            self.max_message_bytes):
                         num_msgs += 1
