@@ -49,7 +49,9 @@ class BlockPool:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def allocate(self, n: int) -> list[int]:
-        """Takes n free blocks (plain ones first, then the least recently used cached ones)."""
+        """Takes n free blocks (plain ones first, then the least recently used cached ones),
+        in ascending id order: blocks freed together then sit side by side in the table, so
+        copies of a request's KV (PD transfers, swaps) move a few long runs of slots."""
         if n > self.num_free_blocks:
             raise MemoryError(f"asked for {n} KV blocks, {self.num_free_blocks} free")
         ids: list[int] = []
@@ -65,6 +67,7 @@ class BlockPool:
         if evicted:
             self.num_evictions += len(evicted)
             self._emit("removed", evicted)
+        ids.sort()
         return ids
 
     def lookup(self, block_hash: int, token_ids: Sequence[int]) -> int | None:

@@ -7,7 +7,7 @@ slots that are consecutive on both sides; consecutive pieces merge into runs. KV
 finds the runs once per request and range (every layer has the same ones) and copies a
 layer with as few calls as the block tables allow:
 
-  few runs               one slice copy per run, keys and values together
+  few or long runs       one slice copy per run, keys and values together
   many runs, whole blocks gathered straight into consecutive destination blocks, or
                           scattered straight from consecutive source blocks, or (both
                           sides scattered) gathered into a scratch buffer and scattered
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-MAX_SLICE_RUNS = 8  # above this many runs, whole blocks move by index instead of slice by slice
+MAX_SLICE_RUNS = 8  # up to this many runs, or runs of 2+ blocks on average: slice by slice
 
 
 def _as_ids(ids: Sequence[int] | torch.Tensor | np.ndarray) -> np.ndarray:
@@ -84,8 +84,9 @@ class KVCopyPlan:
     @property
     def mode(self) -> str:
         if self._mode is None:
-            if len(self.runs) <= MAX_SLICE_RUNS:
-                self._mode = "slices"
+            num_blocks = -(-self.num_tokens // self.block_size)
+            if len(self.runs) <= max(MAX_SLICE_RUNS, num_blocks // 2):
+                self._mode = "slices"   # one memmove per run beats two passes by index (measured)
             elif len(self._block_runs(by="dst")[2]) <= MAX_SLICE_RUNS:
                 self._mode = "gather"   # consecutive destination blocks: gather straight into them
             elif len(self._block_runs(by="src")[2]) <= MAX_SLICE_RUNS:
@@ -144,7 +145,7 @@ class KVCopyPlan:
                 dblk[kv, self.dst_blocks] = self._scratch
 
     def _copy_torch(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        if len(self.runs) <= MAX_SLICE_RUNS:
+        if self.mode == "slices":
             for a, b, n in self.runs:
                 dst[:, b:b + n].copy_(src[:, a:a + n].to(dst.device))
             return
