@@ -6,10 +6,10 @@ KV of the bundled model's shape (30 layers, 3 kv heads, head_dim 64, bfloat16: 2
 bytes per token) moves from a "prefill" process to this "decode" process:
   raw TCP  loopback socket, 1 MiB sends, received with recv_into a preallocated buffer
   gRPC     a grpc.aio server streaming PrefillService.Prefill with all layers ready, packed as
-           PrefillServicer packs them (wire.kv_messages: messages of up to 1 MiB or 4 MiB,
+           PrefillServicer packs them (kv_frames.kv_messages: messages of up to 1 MiB or 4 MiB,
            short layers batched in KVBatch); "pb" sends one PrefillMessage object per layer
            and range instead; the client reads raw responses as the decode node does
-           (wire.read_kv_message, no protobuf copy) and decode_kv_into a preallocated pool
+           (kv_frames.read_kv_message, no protobuf copy) and decode_kv_into a preallocated pool
   shm      the prefill process writes a paged pool in a SharedKVBuffer; this process
            attaches and copies the request's blocks into its own pool, layer by layer,
            with kv_copy.KVCopyPlan (the decode node's local-transport copy). Block tables:
@@ -103,12 +103,13 @@ def _serve_tcp(listener: socket.socket) -> None:
 
 def _prefill_handler(kv: torch.Tensor):
     """PrefillService.Prefill streaming the KV of len(token_ids) tokens. request_id is
-    "<max message bytes>/<fast|pb|raw>": fast packs with wire.kv_messages, pb builds
+    "<max message bytes>/<fast|pb|raw>": fast packs with kv_frames.kv_messages, pb builds
     PrefillMessage objects and calls SerializeToString (what a generated servicer does),
     raw streams the same number of bytes from one prebuilt buffer (gRPC's own ceiling)."""
     import grpc
     from pd._generated import prefill_pb2 as pb
-    from pd.transport.wire import dtype_name, encode_kv, kv_messages, split_token_ranges
+    from pd.transport.kv_frames import kv_messages
+    from pd.transport.wire import dtype_name, encode_kv, split_token_ranges
 
     def pb_message(layer: int, start: int, k: torch.Tensor, v: torch.Tensor, wire_dtype: str) -> bytes:
         k_data, k_scale = encode_kv(k, wire_dtype)
@@ -201,9 +202,10 @@ def raw_tcp_receive(port: int, num_bytes: int) -> Callable[[], None]:
 def grpc_receive(channel, num_tokens: int, max_message_bytes: int, dst: torch.Tensor,
                  serializer: str = "fast") -> Callable[[], None]:
     """Receives as the decode node does: raw responses, KV read in place by
-    wire.read_kv_message and decoded into the pool ("pb": parsed by PrefillMessage)."""
+    kv_frames.read_kv_message and decoded into the pool ("pb": parsed by PrefillMessage)."""
     from pd._generated import prefill_pb2 as pb
-    from pd.transport.wire import decode_kv_into, read_kv_message
+    from pd.transport.kv_frames import read_kv_message
+    from pd.transport.wire import decode_kv_into
 
     request = pb.PrefillRequest(request_id=f"{max_message_bytes}/{serializer}",
                                 token_ids=range(num_tokens), transport="grpc", wire_dtype="")
@@ -343,7 +345,7 @@ def print_table(rows: list[dict], repeats: int) -> None:
     print_cpu_table(rows)
     totals = {m: sum(r["bytes"] / r[f"grpc{m >> 20}M"] for r in rows) for m in MESSAGE_SIZES}
     print(f"gRPC configuration: {min(totals, key=totals.get) >> 20} MiB messages (least total time), "
-          "max send/receive message length 16 MiB, wire.kv_messages packing, glibc malloc "
+          "max send/receive message length 16 MiB, kv_frames.kv_messages packing, glibc malloc "
           "tuned (engine.memory.tune_malloc); pb = PrefillMessage.SerializeToString; raw = gRPC "
           "alone (prebuilt 1 MiB byte strings, nothing decoded): the ceiling for any gRPC transport here")
     print("shm = KVCopyPlan.copy_layer per layer; block tables: fresh = BlockPools of freshly started "

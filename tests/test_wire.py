@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from pd._generated import prefill_pb2 as pb
+from pd.transport.kv_frames import kv_chunk_message
 from pd.transport.wire import (DTYPE_NAMES, decode_kv, decode_kv_into, dtype_from_name, dtype_name,
-                               encode_kv, kv_chunk_message, split_token_ranges)
+                               encode_kv, split_token_ranges)
 
 SHAPE = (37, 3, 64)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pd._generated import prefill_pb2 as pb
-from pd.transport.wire import FP8_NAME, decode_kv, kv_batch_message, kv_messages, read_kv_message
+from pd.transport.kv_frames import kv_batch_message, kv_messages, read_kv_message
+from pd.transport.wire import FP8_NAME, decode_kv
 
 
 def _kv(num_layers=4, num_tokens=10, heads=2, dim=8, seed=0):

@@ -26,7 +26,8 @@ from pd.decode.prefill_peer import PrefillPeer, _describe
 from pd.transport.fingerprint import engine_fingerprint, engine_kv_spec
 from pd.transport.kv_copy import KVCopyPlan
 from pd.transport.messages import done_to_result, sampling_to_pb
-from pd.transport.wire import KVChunkView, decode_kv, dtype_name, read_kv_message
+from pd.transport.kv_frames import KVChunkView, read_kv_message
+from pd.transport.wire import decode_kv, dtype_name
 
 logger = logging.getLogger("pd.decode.transfer")
 

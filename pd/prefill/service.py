@@ -15,7 +15,8 @@ from pd.prefill.connector import KVPiece, LocalPiece, PrefillConnector, StreamSi
 from pd.transport.fingerprint import PROTOCOL_VERSION, engine_fingerprint, engine_kv_spec, host_id, incompatibility
 from pd.transport.messages import (fingerprint_from_pb, fingerprint_to_pb, kv_spec_from_pb, kv_spec_to_pb,
                                    logprobs_to_pb, sampling_from_pb)
-from pd.transport.wire import dtype_from_name, kv_messages
+from pd.transport.kv_frames import kv_messages
+from pd.transport.wire import dtype_from_name
 
 logger = logging.getLogger("pd.prefill")
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
@@ -160,7 +161,7 @@ def _wire_bytes(k, wire: str | None) -> int:
 
 
 def _serialize(message) -> bytes:
-    """KV messages come pre-serialized (wire.kv_messages); the rest are protobuf objects."""
+    """KV messages come pre-serialized (kv_frames.kv_messages); the rest are protobuf objects."""
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
