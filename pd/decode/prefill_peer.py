@@ -37,7 +37,7 @@ class PrefillPeer:
         self.lock = threading.Lock()
         self.channel: grpc.Channel | None = None
         self.stub: pb_grpc.PrefillServiceStub | None = None
-        self.prefill_stream = None      # Prefill with raw responses (read by wire.read_kv_message)
+        self.prefill_stream = None      # Prefill with raw responses (read by kv_frames.read_kv_message)
         self.transport: str | None = None
         self.shm = None
         self.local_pool = None          # torch view [layers, 2, slots, heads, dim] of the peer's pool

@@ -1,4 +1,4 @@
-"""KV message packing (wire.kv_messages / KVBatch) and the in-place reader (read_kv_message)."""
+"""KV message packing (kv_frames.kv_messages / KVBatch) and the in-place reader (read_kv_message)."""
 from __future__ import annotations
 
 import pytest
