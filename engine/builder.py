@@ -76,8 +76,7 @@ class EngineBuilder:
         t0 = time.perf_counter()
         if self.device_cfg.num_threads:
             torch.set_num_threads(self.device_cfg.num_threads)
-        if not self.device_cfg.is_cuda:
-            tune_malloc()  # each step's MiB-sized activations reuse freed heap, no fresh page faults
+        tune_malloc()  # MiB-sized host buffers (CPU activations, KV messages) reuse freed heap
         source = self.repo.open()
         dtype = self.device_cfg.resolve_dtype()
         device = self.device_cfg.torch_device

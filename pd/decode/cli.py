@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 
-from engine.memory import tune_malloc
 from engine.args import add_engine_args, builder_from_args, setup_logging
 from pd.decode.app import DEFAULT_MAX_BODY_BYTES, create_app
 from pd.decode.metrics import ServingMetrics
@@ -117,7 +116,6 @@ def _session_metrics(llm) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    tune_malloc()  # MiB-sized KV messages and activations reuse freed heap
     try:
         state = build_state(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -12,7 +12,6 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from engine.memory import tune_malloc
 from engine.args import add_engine_args, builder_from_args, setup_logging
 from engine.async_engine import AsyncEngine
 from pd._generated import prefill_pb2 as pb
@@ -136,7 +135,6 @@ class PrefillNode:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    tune_malloc()  # MiB-sized KV messages and activations reuse freed heap
     try:
         node = PrefillNode(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -16,7 +16,7 @@ from pd.transport.fingerprint import PROTOCOL_VERSION, engine_fingerprint, engin
 from pd.transport.messages import (fingerprint_from_pb, fingerprint_to_pb, kv_spec_from_pb, kv_spec_to_pb,
                                    logprobs_to_pb, sampling_from_pb)
 from pd.transport.kv_frames import kv_messages
-from pd.transport.wire import dtype_from_name
+from pd.transport.wire import wire_nbytes
 
 logger = logging.getLogger("pd.prefill")
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
@@ -97,18 +97,18 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                     item = await queue.get()
                 if isinstance(item, KVPiece):
                     # pack the pieces that are ready now (the network is behind the model)
-                    pieces, ready = [item], _wire_bytes(item.k, wire)
+                    pieces, ready = [item], 2 * wire_nbytes(item.k, wire)
                     while ready < self.max_message_bytes and not queue.empty():
                         pending = queue.get_nowait()
                         if not isinstance(pending, KVPiece):
                             break
                         pieces.append(pending)
-                        ready, pending = ready + _wire_bytes(pending.k, wire), None
+                        ready, pending = ready + 2 * wire_nbytes(pending.k, wire), None
                     for msg in kv_messages([(p.layer, p.start, p.k, p.v) for p in pieces], wire,
                                            self.max_message_bytes):
                         num_msgs += 1
                         yield msg
-                    num_bytes += sum(_wire_bytes(p.k, wire) for p in pieces)
+                    num_bytes += sum(2 * wire_nbytes(p.k, wire) for p in pieces)
                 elif isinstance(item, LocalPiece):
                     num_msgs += 1
                     yield pb.PrefillMessage(local=pb.LocalChunk(layer=item.layer, start=item.start,
@@ -152,12 +152,6 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                         request.request_id, n, cached, ms)
         if self.metrics is not None:
             self.metrics.prefill_done(transport, n, num_bytes, ms / 1e3)
-
-
-def _wire_bytes(k, wire: str | None) -> int:
-    """Bytes of KV (keys and values) that a [n, kv_heads, head_dim] piece takes on the wire."""
-    itemsize = dtype_from_name(wire).itemsize if wire else k.element_size()
-    return 2 * k.numel() * itemsize
 
 
 def _serialize(message) -> bytes:

@@ -160,8 +160,8 @@ class KVCopyPlan:
 def _copy_runs(src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]]) -> None:
     """dst[:, d:d + n] = src[:, s:s + n] for each (s, d, n): one memmove per run and k/v
     (ctypes releases the GIL). Slot bounds were checked by the caller."""
-    row = _check_slots(src)
-    if _check_slots(dst) != row:
+    row = _item_bytes(src, 0) // src.shape[1]  # checks that the slots are contiguous rows
+    if _item_bytes(dst, 0) // dst.shape[1] != row:
         raise ValueError("KV copy needs the same slot size on both sides")
     isz = src.element_size()
     for kv in range(src.shape[0]):
@@ -171,16 +171,6 @@ def _copy_runs(src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, 
             ctypes.memmove(d_base + b * row, s_base + a * row, n * row)
 
 
-def _check_slots(t: torch.Tensor) -> int:
-    """Bytes per slot of a [2, num_slots, ...] layer whose slots are contiguous rows."""
-    expected = 1
-    for n, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if n > 1 and stride != expected:
-            raise ValueError(f"KV copy needs contiguous slots, got shape {tuple(t.shape)} strides {t.stride()}")
-        expected *= n
-    return t.stride(1) * t.element_size() if t.shape[1] > 1 else expected * t.element_size()
-
-
 def _blocks(t: torch.Tensor, block_size: int) -> torch.Tensor:
     """[2, num_slots, ...] -> [2, num_blocks, block_size, ...] (a view)."""
     if t.shape[1] % block_size:
@@ -188,19 +178,23 @@ def _blocks(t: torch.Tensor, block_size: int) -> torch.Tensor:
     return t.view(t.shape[0], t.shape[1] // block_size, block_size, *t.shape[2:])
 
 
+def _item_bytes(t: torch.Tensor, dim: int) -> int:
+    """Bytes spanned by all the dims after `dim`, which must lie contiguously in memory."""
+    expected = 1
+    for n, stride in zip(reversed(t.shape[dim + 1:]), reversed(t.stride()[dim + 1:])):
+        if n > 1 and stride != expected:
+            raise ValueError(f"KV copy needs contiguous slots, got shape {tuple(t.shape)} strides {t.stride()}")
+        expected *= n
+    return expected * t.element_size()
+
+
 def _items(t: torch.Tensor, dim: int) -> np.ndarray:
     """numpy's view of a CPU tensor as [*t.shape[:dim + 1]] items, each holding all of the
     dims after `dim` (which must be contiguous): no copy, writable."""
-    itemsize, expected = t.element_size(), 1
-    for n, stride in zip(reversed(t.shape[dim + 1:]), reversed(t.stride()[dim + 1:])):
-        if n > 1 and stride != expected:
-            raise ValueError(f"KV copy needs contiguous rows after dim {dim}, got shape {tuple(t.shape)} "
-                             f"strides {t.stride()}")
-        expected *= n
     holder = _ArrayInterface(t, {
         "version": 3, "data": (t.data_ptr(), False), "shape": tuple(t.shape[:dim + 1]),
-        "strides": tuple(s * itemsize for s in t.stride()[:dim + 1]),
-        "typestr": f"|V{expected * itemsize}"})
+        "strides": tuple(s * t.element_size() for s in t.stride()[:dim + 1]),
+        "typestr": f"|V{_item_bytes(t, dim)}"})
     return np.asarray(holder)
 
 

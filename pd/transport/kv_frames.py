@@ -6,7 +6,6 @@ MiB-sized byte fields. Tensor <-> bytes conversion is pd.transport.wire's.
 """
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
@@ -14,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pd.transport.wire import wire_array, dtype_from_name, dtype_name, split_token_ranges
+from pd.transport.wire import dtype_name, split_token_ranges, wire_array, wire_nbytes
 
 
 def _varint(value: int) -> bytes:
@@ -83,8 +82,7 @@ def kv_messages(pieces: Iterable[tuple[int, int, torch.Tensor, torch.Tensor]], w
     batch: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
     batch_bytes = 0
     for layer, start, k, v in pieces:
-        itemsize = dtype_from_name(wire_dtype).itemsize if wire_dtype else k.element_size()
-        per_token = max(2 * math.prod(k.shape[1:]) * itemsize, 1)
+        per_token = max(2 * wire_nbytes(k[:1], wire_dtype), 1)
         for s, n in split_token_ranges(start, k.shape[0], per_token, max_message_bytes):
             if batch and batch_bytes + n * per_token > max_message_bytes:
                 yield _one_message(batch, wire_dtype)

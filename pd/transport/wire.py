@@ -67,6 +67,11 @@ def _quantize_fp8(t: torch.Tensor) -> tuple[np.ndarray, float]:
     return _bits(q), float(scale)  # scale is a float32 value: exact in the proto float
 
 
+def wire_nbytes(t: torch.Tensor, wire_dtype: str | None) -> int:
+    """Bytes that t's values take on the wire in wire_dtype ("" or None: t's own dtype)."""
+    return t.numel() * (dtype_from_name(wire_dtype).itemsize if wire_dtype else t.element_size())
+
+
 def wire_array(t: torch.Tensor, wire_dtype: str | None) -> tuple[np.ndarray, float]:
     """The wire form of t as a C-contiguous numpy array (a view where t is contiguous and
     needs no conversion) and its scale."""
