@@ -159,3 +159,29 @@ def parse_metrics(text: str) -> dict[str, float]:
         out[key] = v
         out.setdefault(key.split("{", 1)[0], v)
     return out
+
+
+def metrics(base_url: str) -> dict[str, float]:
+    """A node's /metrics, parsed."""
+    import httpx
+    r = httpx.get(base_url + "/metrics", timeout=30)
+    assert r.status_code == 200
+    return parse_metrics(r.text)
+
+
+def sum_of(m: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of the samples of `name` that carry all these labels."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in m.items() if k.startswith(name + "{") and all(w in k for w in want))
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition", interval: float = 0.1):
+    """Polls predicate until it returns something truthy (returned), or fails after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from server_utils import MODEL, free_port, parse_metrics, start_process
+from server_utils import MODEL, free_port, metrics, parse_metrics, start_process, sum_of
 
 ENGINE = ["--dtype", "float32", "--max-model-len", "2048", "--kv-cache-gb", "0.3", "--log-level", "info"]
 DECODE_READY, PREFILL_READY = "pd-decode ready:", "pd-prefill ready:"
@@ -118,18 +118,6 @@ def start_decode(*extra: str):
 def pd_flags(prefill, transport: str, *extra: str) -> list[str]:
     return ["--pd-url", prefill.grpc_address, "--pd-transport", transport, "--pd-min-prompt-tokens", "16",
             "--pd-connect-timeout", "5", *extra]
-
-
-def metrics(base_url: str) -> dict[str, float]:
-    r = httpx.get(base_url + "/metrics", timeout=30)
-    assert r.status_code == 200
-    return parse_metrics(r.text)
-
-
-def sum_of(m: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of the samples of `name` that carry all these labels."""
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(v for k, v in m.items() if k.startswith(name + "{") and all(w in k for w in want))
 
 
 def transfers(m: dict[str, float], transport: str) -> float:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from server_utils import MODEL, free_port, parse_metrics, start_process
+from server_utils import MODEL, free_port, metrics, start_process, sum_of, wait_for
 
 ENGINE = ["--dtype", "float32", "--max-model-len", "2048", "--kv-cache-gb", "0.3", "--log-level", "info"]
 PD_TIMEOUTS = ["--pd-min-prompt-tokens", "16", "--pd-first-chunk-timeout", "3", "--pd-transfer-timeout", "10",
@@ -62,29 +62,6 @@ def log_text(proc) -> str:
     """The process's whole output (RunningProcess.logs() keeps only the tail)."""
     with proc._lock:
         return "".join(proc._stdout) + "".join(proc._stderr)
-
-
-def metrics(base_url: str) -> dict[str, float]:
-    r = httpx.get(base_url + "/metrics", timeout=30)
-    assert r.status_code == 200
-    return parse_metrics(r.text)
-
-
-def sum_of(m: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of the samples of `name` that carry all these labels."""
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(v for k, v in m.items() if k.startswith(name + "{") and all(w in k for w in want))
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def blocks_all_free(base_url: str) -> bool:
@@ -148,15 +125,15 @@ class PrefillNode:
 def wait_connected(decode, prefill: PrefillNode, timeout: float = 30.0) -> None:
     """Until the decode node logs a handshake with the prefill node's current process."""
     node_id = prefill.node_id()
-    wait_until(lambda: f"({node_id}), transport" in log_text(decode), timeout,
-               f"the decode node to connect to {node_id}", interval=0.2)
+    wait_for(lambda: f"({node_id}), transport" in log_text(decode), timeout,
+             f"the decode node to connect to {node_id}", interval=0.2)
 
 
 def wait_reconnected(decode, prefill: PrefillNode, num_before: int, timeout: float = 30.0) -> None:
     """Until the decode node logs one more handshake with the prefill node's current process."""
     node_id = prefill.node_id()
-    wait_until(lambda: log_text(decode).count(f"({node_id}), transport") > num_before, timeout,
-               f"the decode node to reconnect to {node_id}", interval=0.2)
+    wait_for(lambda: log_text(decode).count(f"({node_id}), transport") > num_before, timeout,
+             f"the decode node to reconnect to {node_id}", interval=0.2)
 
 
 def start_decode(*extra: str):
@@ -235,14 +212,14 @@ def test_sigkill_prefill_node_mid_transfer_every_request_completes(decode, prefi
     before = metrics(decode.base_url)
     with ThreadPoolExecutor(len(LONG)) as pool:
         futures = [pool.submit(answer, decode.base_url, m) for m in LONG]
-        wait_until(lambda: prefill.num_running() >= 1, 120, "the prefill node to start the long prompts")
+        wait_for(lambda: prefill.num_running() >= 1, 120, "the prefill node to start the long prompts")
         time.sleep(0.5)
         prefill.kill()
         results = [f.result(timeout=300) for f in futures]
     for m, got in zip(LONG, results):
         assert got == reference[id(m)]
     assert httpx.get(decode.base_url + "/health", timeout=10).status_code == 200
-    wait_until(lambda: blocks_all_free(decode.base_url), 20, "the decode node's blocks to be free again")
+    wait_for(lambda: blocks_all_free(decode.base_url), 20, "the decode node's blocks to be free again")
     after = metrics(decode.base_url)
     assert sum_of(after, "pdserve:kv_transfers_total") == sum_of(before, "pdserve:kv_transfers_total")
     failed = sum_of(after, "pdserve:kv_transfer_failures_total") - sum_of(before, "pdserve:kv_transfer_failures_total")
@@ -283,8 +260,8 @@ def test_restarted_prefill_node_reconnects_and_transfers_resume(decode, prefill,
     after = metrics(decode.base_url)
     assert sum_of(after, "pdserve:kv_transfers_total", transport="local") > \
         sum_of(before, "pdserve:kv_transfers_total", transport="local")
-    wait_until(lambda: blocks_all_free(decode.base_url), 20, "the decode node's blocks to be free again")
-    wait_until(lambda: blocks_all_free(prefill.http), 20, "the prefill node's blocks to be free again")
+    wait_for(lambda: blocks_all_free(decode.base_url), 20, "the decode node's blocks to be free again")
+    wait_for(lambda: blocks_all_free(prefill.http), 20, "the prefill node's blocks to be free again")
 
 
 # ---- (b) SIGSTOP (a hung prefill node), then SIGCONT ---------------------------------------------
@@ -293,7 +270,7 @@ def test_sigstop_prefill_node_requests_complete_then_remote_prefill_resumes(deco
     prefill.ensure_running()
     wait_connected(decode, prefill)
     node_id = prefill.node_id()
-    wait_until(lambda: blocks_all_free(prefill.http), 20, "the prefill node's baseline")
+    wait_for(lambda: blocks_all_free(prefill.http), 20, "the prefill node's baseline")
     assert blocks_all_free(decode.base_url)
     before = metrics(decode.base_url)
     connects_before = log_text(decode).count(f"({node_id}), transport")
@@ -301,7 +278,7 @@ def test_sigstop_prefill_node_requests_complete_then_remote_prefill_resumes(deco
     try:
         with ThreadPoolExecutor(len(HANG)) as pool:
             futures = [pool.submit(answer, decode.base_url, m) for m in HANG]
-            wait_until(lambda: prefill.num_running() >= 1, 60, "the prefill node to start the prompts")
+            wait_for(lambda: prefill.num_running() >= 1, 60, "the prefill node to start the prompts")
             time.sleep(0.3)
             prefill.proc.signal(signal.SIGSTOP)
             results = [f.result(timeout=120) for f in futures]
@@ -310,7 +287,7 @@ def test_sigstop_prefill_node_requests_complete_then_remote_prefill_resumes(deco
             assert got == reference[id(m)]
         assert elapsed < 60, elapsed
         assert httpx.get(decode.base_url + "/health", timeout=10).status_code == 200
-        wait_until(lambda: blocks_all_free(decode.base_url), 20, "the decode node's blocks to be free again")
+        wait_for(lambda: blocks_all_free(decode.base_url), 20, "the decode node's blocks to be free again")
         mid = metrics(decode.base_url)
         assert sum_of(mid, "pdserve:kv_transfer_failures_total") - \
             sum_of(before, "pdserve:kv_transfer_failures_total") == len(HANG), log_text(decode)[-3000:]
@@ -328,8 +305,8 @@ def test_sigstop_prefill_node_requests_complete_then_remote_prefill_resumes(deco
     assert text.strip() and tokens > 0
     assert sum_of(metrics(decode.base_url), "pdserve:kv_transfers_total", transport="local") == n + 1
     # the prefill node freed the hung requests' blocks (aborted, or leases released / expired)
-    wait_until(lambda: blocks_all_free(prefill.http), 20, "the prefill node's blocks to be free again")
-    wait_until(lambda: blocks_all_free(decode.base_url), 20, "the decode node's blocks to be free again")
+    wait_for(lambda: blocks_all_free(prefill.http), 20, "the prefill node's blocks to be free again")
+    wait_for(lambda: blocks_all_free(decode.base_url), 20, "the decode node's blocks to be free again")
 
 
 def test_a_transfer_deadline_counts_as_a_timeout():
@@ -392,7 +369,7 @@ def test_failure_policy_fail_returns_an_openai_error_and_stays_healthy(decode_fa
     assert blocks_all_free(decode_fail.base_url)
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(chat, decode_fail.base_url, FAIL)
-        wait_until(lambda: prefill.num_running() >= 1, 60, "the prefill node to start the prompt")
+        wait_for(lambda: prefill.num_running() >= 1, 60, "the prefill node to start the prompt")
         time.sleep(0.3)
         prefill.kill()
         r = future.result(timeout=120)
@@ -400,7 +377,7 @@ def test_failure_policy_fail_returns_an_openai_error_and_stays_healthy(decode_fa
     err = r.json()["error"]
     assert "remote prefill failed" in err["message"] and err["type"], err
     assert httpx.get(decode_fail.base_url + "/health", timeout=10).status_code == 200
-    wait_until(lambda: blocks_all_free(decode_fail.base_url), 20, "the decode node's blocks to be free again")
+    wait_for(lambda: blocks_all_free(decode_fail.base_url), 20, "the decode node's blocks to be free again")
     m = metrics(decode_fail.base_url)
     assert sum_of(m, "pdserve:kv_transfer_failures_total") == 1
     assert sum_of(m, "pdserve:request_errors_total", status="500") == 1

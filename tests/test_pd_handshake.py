@@ -18,7 +18,7 @@ import pytest
 from pd._generated import prefill_pb2 as pb
 from pd._generated import prefill_pb2_grpc as pb_grpc
 from pd.transport.fingerprint import PROTOCOL_VERSION
-from server_utils import MODEL, free_port, parse_metrics, start_process
+from server_utils import MODEL, free_port, metrics, start_process, sum_of
 from tiny_models import build_tiny_model_dir
 
 DECODE = ["--dtype", "float32", "--max-model-len", "2048", "--kv-cache-gb", "0.3", "--log-level", "info"]
@@ -73,18 +73,6 @@ def wait_for_log(proc, text: str, timeout: float = 10.0) -> str:
             raise AssertionError(f"{text!r} not in the log:\n{logs[-4000:]}")
         time.sleep(0.1)
     return logs
-
-
-def metrics(base_url: str) -> dict[str, float]:
-    r = httpx.get(base_url + "/metrics", timeout=30)
-    assert r.status_code == 200
-    return parse_metrics(r.text)
-
-
-def sum_of(m: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of the samples of `name` that carry all these labels."""
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(v for k, v in m.items() if k.startswith(name + "{") and all(w in k for w in want))
 
 
 def assert_serves_locally(decode) -> None:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from openai import OpenAI
 
-from server_utils import MODEL, free_port, parse_metrics, start_process
+from server_utils import MODEL, free_port, parse_metrics, start_process, wait_for
 
 ENGINE = ["--dtype", "float32", "--max-model-len", "1024", "--kv-cache-gb", "0.2", "--threads", "1",
           "--log-level", "info"]
@@ -129,17 +128,6 @@ def cluster():
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
-
 
 def router_nodes(c: Cluster) -> list[dict]:
     r = httpx.get(f"http://127.0.0.1:{c.http_port}/router/nodes", timeout=10)

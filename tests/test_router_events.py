@@ -28,6 +28,7 @@ from pd.router.events import RouterEventService
 from pd.router.index import ResidencyIndex
 from pd.router.registry import Registry
 from pd.router.reporter import RouterReporter
+from server_utils import wait_for
 from tiny_models import build_tiny_model_dir
 
 NUM_BLOCKS = 24            # 16-token blocks: a few prompts fill the pool, later ones evict
@@ -83,17 +84,6 @@ class RouterThread:
         self.run(self.server.stop(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
