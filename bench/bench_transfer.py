@@ -5,17 +5,22 @@
 KV of the bundled model's shape (30 layers, 3 kv heads, head_dim 64, bfloat16: 23,040
 bytes per token) moves from a "prefill" process to this "decode" process:
   raw TCP  loopback socket, 1 MiB sends, received with recv_into a preallocated buffer
-  gRPC     a grpc.aio server streaming PrefillService.Prefill with all layers ready, packed as
-           PrefillServicer packs them (kv_frames.kv_messages: messages of up to 1 MiB or 4 MiB,
-           short layers batched in KVBatch); "pb" sends one PrefillMessage object per layer
-           and range instead; the client reads raw responses as the decode node does
-           (kv_frames.read_kv_message, no protobuf copy) and decode_kv_into a preallocated pool
+  gRPC     a grpc.aio server answering PrefillService.PrefillStream with all layers ready,
+           packed as PrefillServicer packs them (kv_frames.kv_messages: messages of up to 2 MiB
+           or 4 MiB, short layers batched in KVBatch); the client sends each request on an
+           idle long-lived call (kv_stream.StreamPool, as the decode node does), reads raw
+           responses (kv_frames.read_kv_message, no protobuf copy) up to Done and
+           decode_kv_into a preallocated pool; "call" opens one Prefill call per transfer
+           instead (protocol v2's way); "raw" streams prebuilt 1 MiB byte strings on a
+           PrefillStream call, nothing packed or decoded: gRPC's own ceiling here
   shm      the prefill process writes a paged pool in a SharedKVBuffer; this process
            attaches and copies the request's blocks into its own pool, layer by layer,
            with kv_copy.KVCopyPlan (the decode node's local-transport copy). Block tables:
            "fresh" from the BlockPools of freshly started nodes (the ratio uses this),
            "churn" from BlockPools after a long mixed workload, "random" the worst case
-  memcpy   torch copy_ of the same number of bytes between two preallocated tensors
+  memcpy   C memcpy of the same number of bytes between two preallocated buffers, one thread
+           (as the shm copy runs: on the transfer thread, leaving the cores to the engine);
+           "copy_ Nt" is torch's copy_ with --threads threads, for reference
 Every figure is the median of --repeats runs after a warm-up; the runs of all transports
 are interleaved so that a busy machine slows them alike. Targets: gRPC >= 50% of raw
 TCP, shm >= 50% of memcpy.
@@ -24,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import multiprocessing as mp
-import os
 import random
 import socket
 import statistics
@@ -40,8 +45,9 @@ NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 30, 3, 64, torch.bfloat16
 BLOCK_SIZE = 16
 BYTES_PER_TOKEN = NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
 LAYER_BYTES_PER_TOKEN = 2 * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize  # one KVChunk: k and v
-MESSAGE_SIZES = (1 << 20, 4 << 20)
+MESSAGE_SIZES = (2 << 20, 4 << 20)
 SEND_SIZE = 1 << 20
+BACK_TO_BACK = 4
 MB = 1e6
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 16 << 20),
                 ("grpc.max_send_message_length", 16 << 20)]
@@ -52,36 +58,20 @@ def pool_shape(num_blocks: int) -> tuple[int, ...]:
     return (NUM_LAYERS, 2, num_blocks * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
 
 
-def cpu_seconds(pids: tuple[int, ...]) -> float:
-    """CPU time of every thread of these processes, from the scheduler's ns counters."""
-    total = 0
-    for pid in pids:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            except (FileNotFoundError, ProcessLookupError):
-                pass  # the thread ended meanwhile
-    return total / 1e9
-
-
-def median_times(runs: dict[str, Callable[[], None]], repeats: int,
-                 pids: tuple[int, ...]) -> dict[str, tuple[float, float]]:
-    """(median wall seconds, mean CPU seconds of both processes) over `repeats` calls of
-    each function, after one warm-up call each (page faults, connections, caches). The
-    rounds go over all functions in turn, so a busy machine slows them alike; the median
-    is not swayed by the one lucky or unlucky run that a best-of or a mean would keep."""
+def median_times(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median wall seconds over `repeats` calls of each function, after one warm-up call
+    each (page faults, connections, caches). The rounds go over all functions in turn, so
+    a busy machine slows them alike; the median is not swayed by the one lucky or unlucky
+    run that a best-of or a mean would keep."""
     for fn in runs.values():
         fn()
     walls: dict[str, list[float]] = {name: [] for name in runs}
-    cpu = dict.fromkeys(runs, 0.0)
     for _ in range(repeats):
         for name, fn in runs.items():
-            cpu_start, start = cpu_seconds(pids), time.perf_counter()
+            start = time.perf_counter()
             fn()
             walls[name].append(time.perf_counter() - start)
-            cpu[name] += (cpu_seconds(pids) - cpu_start) / repeats
-    return {name: (statistics.median(walls[name]), cpu[name]) for name in runs}
+    return {name: statistics.median(walls[name]) for name in runs}
 
 
 # ---- the prefill-side process ----------------------------------------------------------------
@@ -101,51 +91,44 @@ def _serve_tcp(listener: socket.socket) -> None:
                 remaining -= n
 
 
-def _prefill_handler(kv: torch.Tensor):
-    """PrefillService.Prefill streaming the KV of len(token_ids) tokens. request_id is
-    "<max message bytes>/<fast|pb|raw>": fast packs with kv_frames.kv_messages, pb builds
-    PrefillMessage objects and calls SerializeToString (what a generated servicer does),
-    raw streams the same number of bytes from one prebuilt buffer (gRPC's own ceiling)."""
+def _prefill_handlers(kv: torch.Tensor):
+    """PrefillService.Prefill and PrefillStream streaming the KV of len(token_ids) tokens,
+    then Done. request_id is "<max message bytes>/<fast|raw>": fast packs with
+    kv_frames.kv_messages as PrefillServicer does, raw streams the same number of bytes
+    from one prebuilt buffer (gRPC's own ceiling)."""
     import grpc
     from pd._generated import prefill_pb2 as pb
     from pd.transport.kv_frames import kv_messages
-    from pd.transport.wire import dtype_name, encode_kv, split_token_ranges
-
-    def pb_message(layer: int, start: int, k: torch.Tensor, v: torch.Tensor, wire_dtype: str) -> bytes:
-        k_data, k_scale = encode_kv(k, wire_dtype)
-        v_data, v_scale = encode_kv(v, wire_dtype)
-        return pb.PrefillMessage(kv=pb.KVChunk(
-            layer=layer, start=start, num_tokens=k.shape[0], wire_dtype=wire_dtype or dtype_name(k.dtype),
-            k=k_data, v=v_data, k_scale=k_scale, v_scale=v_scale)).SerializeToString()
 
     raw_payload = bytes(SEND_SIZE)
 
     async def prefill(request, context):
-        max_bytes, serializer = request.request_id.split("/")
+        max_bytes, mode = request.request_id.split("/")
         num_tokens, count = len(request.token_ids), 0
-        if serializer == "raw":
+        if mode == "raw":
             remaining = num_tokens * BYTES_PER_TOKEN
             while remaining:
+                count += 1
                 yield raw_payload[:min(remaining, SEND_SIZE)]
                 remaining -= min(remaining, SEND_SIZE)
-            return
-        if serializer == "fast":  # what PrefillServicer sends when all layers are ready
+        else:  # what PrefillServicer sends when all layers are ready
             pieces = [(layer, 0, kv[layer, 0, :num_tokens], kv[layer, 1, :num_tokens]) for layer in range(NUM_LAYERS)]
             for message in kv_messages(pieces, request.wire_dtype, int(max_bytes)):
                 count += 1
                 yield message
-        else:  # one PrefillMessage object per layer and token range, as a generated servicer would
-            for layer in range(NUM_LAYERS):
-                for start, n in split_token_ranges(0, num_tokens, LAYER_BYTES_PER_TOKEN, int(max_bytes)):
-                    count += 1
-                    yield pb_message(layer, start, kv[layer, 0, start:start + n], kv[layer, 1, start:start + n],
-                                     request.wire_dtype)
         done = pb.PrefillDone(num_tokens=num_tokens, num_kv_messages=count)
         yield pb.PrefillMessage(done=done).SerializeToString()
 
-    method = grpc.unary_stream_rpc_method_handler(
-        prefill, request_deserializer=pb.PrefillRequest.FromString, response_serializer=None)
-    return grpc.method_handlers_generic_handler("pd.v1.PrefillService", {"Prefill": method})
+    async def prefill_stream(requests, context):
+        async for request in requests:
+            async for message in prefill(request, context):
+                yield message
+
+    return grpc.method_handlers_generic_handler("pd.v1.PrefillService", {
+        "Prefill": grpc.unary_stream_rpc_method_handler(
+            prefill, request_deserializer=pb.PrefillRequest.FromString, response_serializer=None),
+        "PrefillStream": grpc.stream_stream_rpc_method_handler(
+            prefill_stream, request_deserializer=pb.PrefillRequest.FromString, response_serializer=None)})
 
 
 def prefill_process(conn, max_tokens: int, threads: int) -> None:
@@ -165,7 +148,7 @@ def prefill_process(conn, max_tokens: int, threads: int) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_serve_tcp, args=(listener,), daemon=True).start()
 
-    handler = _prefill_handler(kv)
+    handler = _prefill_handlers(kv)
 
     async def serve(handler=handler) -> None:  # a grpc.aio server, as pd-prefill runs
         server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -199,33 +182,64 @@ def raw_tcp_receive(port: int, num_bytes: int) -> Callable[[], None]:
     return receive
 
 
-def grpc_receive(channel, num_tokens: int, max_message_bytes: int, dst: torch.Tensor,
-                 serializer: str = "fast") -> Callable[[], None]:
-    """Receives as the decode node does: raw responses, KV read in place by
-    kv_frames.read_kv_message and decoded into the pool ("pb": parsed by PrefillMessage)."""
-    from pd._generated import prefill_pb2 as pb
-    from pd.transport.kv_frames import read_kv_message
-    from pd.transport.wire import decode_kv_into
+class _OneCall:
+    """A new Prefill call per transfer, shaped like the KVStream the decode node reads."""
 
-    request = pb.PrefillRequest(request_id=f"{max_message_bytes}/{serializer}",
-                                token_ids=range(num_tokens), transport="grpc", wire_dtype="")
+    def __init__(self, call, owner):
+        self.call, self.owner = call, owner
+
+    def __iter__(self):
+        return iter(self.call)
+
+    def cancel(self, owner=None) -> None:
+        self.call.cancel()
+
+
+def grpc_receive(channel, streams, pool, block_ids: list[int], num_tokens: int, max_message_bytes: int,
+                 per_call: bool = False) -> Callable[[], None]:
+    """One transfer received by the decode node's own code, DecodeConnector._stream: the
+    request goes out on an idle PrefillStream call of `streams` (or a new Prefill call
+    per transfer), KV is read in place from the raw responses and written into the pool
+    slots of block_ids, up to Done."""
+    from types import SimpleNamespace
+    from pd._generated import prefill_pb2 as pb
+    from pd.decode.pd_connector import DecodeConnector, PDPolicy, Transfer
+
+    request = pb.PrefillRequest(request_id=f"{max_message_bytes}/fast", token_ids=range(num_tokens),
+                                transport="grpc", wire_dtype="")
     prefill = channel.unary_stream("/pd.v1.PrefillService/Prefill",
                                    request_serializer=pb.PrefillRequest.SerializeToString,
                                    response_deserializer=None)
-
-    def chunks(data: bytes):
-        if serializer == "raw":
-            return ()
-        if serializer == "fast":
-            return read_kv_message(data) or ()
-        msg = pb.PrefillMessage.FromString(data)
-        return (msg.kv,) if msg.WhichOneof("payload") == "kv" else ()
+    if per_call:
+        peer = SimpleNamespace(start_transfer=lambda m, owner: _OneCall(prefill(m), owner),
+                               end_transfer=lambda stream, complete: None)
+    else:
+        peer = SimpleNamespace(start_transfer=lambda m, owner: streams.acquire(channel, m, owner),
+                               end_transfer=streams.release)
+    peer.local_pool, peer.transport, peer.address = None, "grpc", "bench"
+    connector = DecodeConnector([], PDPolicy())
+    connector.register_kv_pool(pool, {})
+    token_ids = list(range(num_tokens))
 
     def receive() -> None:
-        for data in prefill(request):
-            for c in chunks(data):
-                decode_kv_into(c.k, c.wire_dtype, c.k_scale, dst[c.layer, 0, c.start:c.start + c.num_tokens])
-                decode_kv_into(c.v, c.wire_dtype, c.v_scale, dst[c.layer, 1, c.start:c.start + c.num_tokens])
+        connector._stream(Transfer("bench", peer, token_ids, 0, block_ids, request, False))
+
+    return receive
+
+
+def grpc_raw_receive(channel, streams, num_tokens: int) -> Callable[[], None]:
+    """gRPC alone: prebuilt 1 MiB byte strings on a PrefillStream call, nothing decoded."""
+    from pd._generated import prefill_pb2 as pb
+
+    request = pb.PrefillRequest(request_id=f"{SEND_SIZE}/raw", token_ids=range(num_tokens))
+    done_tag = pb.PrefillMessage(done=pb.PrefillDone(num_tokens=1)).SerializeToString()[:1]
+
+    def receive() -> None:
+        stream = streams.acquire(channel, request, owner=receive)
+        for data in stream:
+            if data[:1] == done_tag:
+                break
+        streams.release(stream, reusable=True)
 
     return receive
 
@@ -277,29 +291,46 @@ def block_tables(num_tokens: int, num_src: int, num_dst: int) -> dict[str, tuple
                        torch.randperm(num_dst, generator=gen)[:n].tolist())}
 
 
-def measure_size(num_tokens: int, channel, tcp_port: int, src_pool: torch.Tensor, dst_pool: torch.Tensor,
-                 dst_slots: torch.Tensor, mem: tuple[torch.Tensor, torch.Tensor], repeats: int,
-                 pids: tuple[int, ...]) -> dict:
+def measure_size(num_tokens: int, channel, streams, tcp_port: int, src_pool: torch.Tensor, dst_pool: torch.Tensor,
+                 grpc_pool, mem: tuple[torch.Tensor, torch.Tensor], repeats: int) -> dict:
+    from engine.kv_cache.block_pool import BlockPool
+
     num_bytes = num_tokens * BYTES_PER_TOKEN
     tables = block_tables(num_tokens, src_pool.shape[2] // BLOCK_SIZE, dst_pool.shape[2] // BLOCK_SIZE)
+    grpc_blocks = BlockPool(grpc_pool.layout.num_blocks).allocate(num_tokens // BLOCK_SIZE)
     shm_runs = {f"shm_{name}": shm_copy(src_pool, dst_pool, *ids, num_tokens) for name, ids in tables.items()}
     runs = {"tcp": raw_tcp_receive(tcp_port, num_bytes),
-            **{f"grpc{m >> 20}M": grpc_receive(channel, num_tokens, m, dst_slots) for m in MESSAGE_SIZES},
-            "pb": grpc_receive(channel, num_tokens, MESSAGE_SIZES[0], dst_slots, serializer="pb"),
-            "grpc_raw": grpc_receive(channel, num_tokens, SEND_SIZE, dst_slots, serializer="raw"),
-            "memcpy": lambda: mem[1][:num_bytes].copy_(mem[0][:num_bytes]),
+            **{f"grpc{m >> 20}M": grpc_receive(channel, streams, grpc_pool, grpc_blocks, num_tokens, m)
+               for m in MESSAGE_SIZES},
+            "call": grpc_receive(channel, streams, grpc_pool, grpc_blocks, num_tokens, MESSAGE_SIZES[0], per_call=True),
+            "grpc_raw": grpc_raw_receive(channel, streams, num_tokens),
+            "tcp_b2b": back_to_back(raw_tcp_receive(tcp_port, num_bytes)),
+            "grpc_b2b": back_to_back(grpc_receive(channel, streams, grpc_pool, grpc_blocks, num_tokens,
+                                                  MESSAGE_SIZES[0])),
+            "memcpy": lambda: ctypes.memmove(mem[1].data_ptr(), mem[0].data_ptr(), num_bytes),
+            "copy_": lambda: mem[1][:num_bytes].copy_(mem[0][:num_bytes]),
             **shm_runs}
-    times = median_times(runs, repeats, pids)
+    times = median_times(runs, repeats)
     for name, (src_ids, dst_ids) in tables.items():  # each table overwrites the others' blocks
         shm_runs[f"shm_{name}"]()
         pos = torch.arange(num_tokens)
         src = torch.tensor(src_ids)[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
         dst = torch.tensor(dst_ids)[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
         assert torch.equal(dst_pool[:, :, dst], src_pool[:, :, src]), f"shm copy ({name} tables) is wrong"
-    assert torch.equal(dst_slots[:, :, :num_tokens], src_pool[:, :, :num_tokens]), "gRPC copy is wrong"
+    pos = torch.arange(num_tokens)
+    slots = torch.tensor(grpc_blocks)[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+    assert torch.equal(grpc_pool.data[:, :, slots], src_pool[:, :, :num_tokens]), "gRPC copy is wrong"
     return {"tokens": num_tokens, "bytes": num_bytes,
-            **{name: num_bytes / wall / MB for name, (wall, _) in times.items()},
-            "cpu": {name: cpu / (num_bytes / 1e9) for name, (_, cpu) in times.items()}}
+            **{name: num_bytes * (BACK_TO_BACK if name.endswith("_b2b") else 1) / wall / MB
+               for name, wall in times.items()}}
+
+
+def back_to_back(receive: Callable[[], None]) -> Callable[[], None]:
+    """BACK_TO_BACK transfers in a row, as a busy decode node receives them."""
+    def receive_all() -> None:
+        for _ in range(BACK_TO_BACK):
+            receive()
+    return receive_all
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -308,52 +339,45 @@ def verdict(ratio: float) -> str:
     return "PASS" if ratio >= 0.5 else "FAIL"
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.0%}" if b > 1e-4 else "n/a"  # below the scheduler counters' resolution
-
-
-def print_cpu_table(rows: list[dict]) -> None:
-    """CPU ms per GB moved, both processes, all threads (mean of the runs). It varies less
-    than throughput when other programs share the cores, though OpenMP spin-waits still
-    inflate the torch-threaded memcpy column."""
-    names = ["tcp", "grpc_raw", "grpc1M", "grpc4M", "pb", "memcpy", "shm_fresh", "shm_churn", "shm_random"]
-    print(f"\nCPU ms per GB (both processes){'':>4}" + "".join(f"{n.replace('shm_', ''):>8}" for n in names)
-          + f"{'TCP/gRPC':>9}{'mem/shm':>8}")
-    for r in rows:
-        cpu = r["cpu"]
-        grpc_cpu = min(cpu["grpc1M"], cpu["grpc4M"])
-        print(f"{r['tokens']:>6} tokens{'':>24}" + "".join(f"{cpu[n] * 1e3:>8.0f}" for n in names)
-              + f"{_ratio(cpu['tcp'], grpc_cpu):>9}{_ratio(cpu['memcpy'], cpu['shm_fresh']):>8}")
-
-
-def print_table(rows: list[dict], repeats: int) -> None:
+def print_table(rows: list[dict], repeats: int, threads: int) -> None:
     print(f"\nKV transfer, {BYTES_PER_TOKEN:,} bytes/token ({NUM_LAYERS} layers x k,v x {NUM_KV_HEADS} "
           f"heads x {HEAD_DIM} dim x bf16); MB/s (1e6 bytes/s), median of {repeats}")
-    head = (f"{'tokens':>6} {'MB':>6} | {'TCP':>6} {'raw':>6} {'gRPC 1M':>7} {'gRPC 4M':>7} {'pb 1M':>6} "
-            f"{'gRPC/TCP':>8} {'>=50%':>5} | {'memcpy':>6} {'fresh':>6} {'churn':>6} {'random':>6} "
-            f"{'shm/mem':>7} {'>=50%':>5} {'churn':>6} {'random':>6}")
+    head = (f"{'tokens':>6} {'MB':>6} | {'TCP':>6} {'raw':>6} {'gRPC 2M':>7} {'gRPC 4M':>7} {'call 2M':>7} "
+            f"{'gRPC/TCP':>8} {'>=50%':>5} | {f'x{BACK_TO_BACK}: TCP':>8} {'gRPC 2M':>7} {'gRPC/TCP':>8} {'>=50%':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        grpc_best = max(r[f"grpc{m >> 20}M"] for m in MESSAGE_SIZES)
-        g_ratio, s_ratio = grpc_best / r["tcp"], r["shm_fresh"] / r["memcpy"]
-        print(f"{r['tokens']:>6} {r['bytes'] / MB:>6.1f} | {r['tcp']:>6.0f} {r['grpc_raw']:>6.0f} {r['grpc1M']:>7.0f} "
-              f"{r['grpc4M']:>7.0f} {r['pb']:>6.0f} {g_ratio:>8.0%} {verdict(g_ratio):>5} | "
-              f"{r['memcpy']:>6.0f} {r['shm_fresh']:>6.0f} {r['shm_churn']:>6.0f} {r['shm_random']:>6.0f} "
-              f"{s_ratio:>7.0%} {verdict(s_ratio):>5} {r['shm_churn'] / r['memcpy']:>6.0%} "
-              f"{r['shm_random'] / r['memcpy']:>6.0%}")
-    print_cpu_table(rows)
+        g_ratio = max(r[f"grpc{m >> 20}M"] for m in MESSAGE_SIZES) / r["tcp"]
+        b_ratio = r["grpc_b2b"] / r["tcp_b2b"]
+        print(f"{r['tokens']:>6} {r['bytes'] / MB:>6.1f} | {r['tcp']:>6.0f} {r['grpc_raw']:>6.0f} {r['grpc2M']:>7.0f} "
+              f"{r['grpc4M']:>7.0f} {r['call']:>7.0f} {g_ratio:>8.0%} {verdict(g_ratio):>5} | "
+              f"{r['tcp_b2b']:>8.0f} {r['grpc_b2b']:>7.0f} {b_ratio:>8.0%} {verdict(b_ratio):>5}")
     totals = {m: sum(r["bytes"] / r[f"grpc{m >> 20}M"] for r in rows) for m in MESSAGE_SIZES}
-    print(f"gRPC configuration: {min(totals, key=totals.get) >> 20} MiB messages (least total time), "
-          "max send/receive message length 16 MiB, kv_frames.kv_messages packing, glibc malloc "
-          "tuned (engine.memory.tune_malloc); pb = PrefillMessage.SerializeToString; raw = gRPC "
-          "alone (prebuilt 1 MiB byte strings, nothing decoded): the ceiling for any gRPC transport here")
-    print("shm = KVCopyPlan.copy_layer per layer; block tables: fresh = BlockPools of freshly started "
-          "nodes (shm/mem uses this), churn = BlockPools after a long mixed workload, random = worst case")
+    print(f"gRPC = DecodeConnector._stream (the decode node's code) on PrefillStream calls kept open between "
+          f"transfers; {min(totals, key=totals.get) >> 20} MiB messages took the least total time; call = a "
+          f"new Prefill call per transfer; raw = gRPC alone (prebuilt 1 MiB byte strings, nothing packed or "
+          f"decoded): the ceiling for any gRPC transport here; x{BACK_TO_BACK} = {BACK_TO_BACK} transfers "
+          "back to back (a busy node), the others one transfer between other work")
+    head = (f"{'tokens':>6} {'MB':>6} | {'memcpy':>6} {f'copy_{threads}t':>8} {'fresh':>6} {'churn':>6} "
+            f"{'random':>6} {'shm/mem':>7} {'>=50%':>5} {f'/copy_{threads}t':>9} {'churn':>6} {'random':>6}")
+    print("\n" + head)
+    print("-" * len(head))
+    for r in rows:
+        s_ratio = r["shm_fresh"] / r["memcpy"]
+        print(f"{r['tokens']:>6} {r['bytes'] / MB:>6.1f} | {r['memcpy']:>6.0f} {r['copy_']:>8.0f} "
+              f"{r['shm_fresh']:>6.0f} {r['shm_churn']:>6.0f} {r['shm_random']:>6.0f} {s_ratio:>7.0%} "
+              f"{verdict(s_ratio):>5} {r['shm_fresh'] / r['copy_']:>9.0%} {r['shm_churn'] / r['memcpy']:>6.0%} "
+              f"{r['shm_random'] / r['memcpy']:>6.0%}")
+    print(f"memcpy = C memcpy, one thread (the shm copy's own budget); copy_{threads}t = torch copy_ on "
+          f"{threads} threads. shm = KVCopyPlan.copy_layer per layer; block tables: fresh = BlockPools "
+          "of freshly started nodes (shm/mem uses this), churn = BlockPools after a long mixed workload, "
+          "random = worst case. Max gRPC message length 16 MiB; glibc malloc tuned (engine.memory.tune_malloc)")
 
 
 def run(token_counts: list[int], threads: int, repeats: int) -> list[dict]:
     import grpc
+    from engine.kv_cache.kv_pool import KVLayout, KVPool
+    from pd.decode.kv_stream import StreamPool
     from pd.transport.shm import SharedKVBuffer
     from engine.memory import tune_malloc
 
@@ -367,16 +391,17 @@ def run(token_counts: list[int], threads: int, repeats: int) -> list[dict]:
     shm_name, shm_size, grpc_port, tcp_port = conn.recv()
 
     dst_pool = torch.zeros(pool_shape(2 * max_tokens // BLOCK_SIZE), dtype=DTYPE)  # our own pools
-    dst_slots = torch.zeros(NUM_LAYERS, 2, max_tokens, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE)
+    grpc_pool = KVPool(KVLayout(NUM_LAYERS, 2 * max_tokens // BLOCK_SIZE, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, DTYPE))
     num_bytes = BYTES_PER_TOKEN * max_tokens
     mem = torch.ones(num_bytes, dtype=torch.uint8), torch.zeros(num_bytes, dtype=torch.uint8)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=GRPC_OPTIONS)
+    streams = StreamPool()
     with SharedKVBuffer.attach(shm_name, shm_size) as shm:
         src_pool = shm.tensor(DTYPE).view(pool_shape(2 * max_tokens // BLOCK_SIZE))
-        pids = (os.getpid(), peer.pid)
-        rows = [measure_size(n, channel, tcp_port, src_pool, dst_pool, dst_slots, mem, repeats, pids)
+        rows = [measure_size(n, channel, streams, tcp_port, src_pool, dst_pool, grpc_pool, mem, repeats)
                 for n in token_counts]
         del src_pool
+    streams.close()
     channel.close()
     conn.send("done")
     peer.join(timeout=30)
@@ -392,7 +417,7 @@ def main() -> None:
     if any(n <= 0 or n % BLOCK_SIZE for n in args.tokens):
         parser.error(f"--tokens must be positive multiples of the block size {BLOCK_SIZE}")
     start = time.perf_counter()
-    print_table(run(args.tokens, args.threads, args.repeats), args.repeats)
+    print_table(run(args.tokens, args.threads, args.repeats), args.repeats, args.threads)
     print(f"total {time.perf_counter() - start:.1f} s, {args.threads} torch threads per process")
 
 

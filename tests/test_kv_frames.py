@@ -1,6 +1,8 @@
 """KV message packing (kv_frames.kv_messages / KVBatch) and the in-place reader (read_kv_message)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -105,51 +107,58 @@ def test_read_kv_message_rejects_malformed_bytes(data):
 
 
 def test_decode_connector_reads_a_batched_grpc_stream_into_its_pool():
-    """A real gRPC stream of packed KV (KVBatch and split KVChunk messages) lands in the
-    decode node's pool slots, through the raw-bytes call the decode node uses."""
+    """Real PrefillStream calls of packed KV (KVBatch and split KVChunk messages) land in
+    the decode node's pool slots, through the raw-bytes stream the decode node uses; the
+    second and third transfers reuse the first one's call."""
     from concurrent import futures
-    from types import SimpleNamespace
 
     import grpc
 
     from engine.kv_cache.kv_pool import KVLayout, KVPool
+    from pd.decode.kv_stream import StreamPool
     from pd.decode.pd_connector import DecodeConnector, PDPolicy, Transfer
 
     layers, num_tokens, bs = 5, 40, 16
     kv = _kv(num_layers=layers, num_tokens=num_tokens, heads=2, dim=8, seed=3)
-    sent = []
+    sent, calls = [], []
 
-    def prefill(request, context):
-        pieces = [(layer, 0, kv[layer, 0], kv[layer, 1]) for layer in range(layers)]
-        for message in kv_messages(pieces, "", 6000):  # 2560 bytes a layer: two KVBatch, one KVChunk
-            sent.append(pb.PrefillMessage.FromString(message).WhichOneof("payload"))
-            yield message
-        yield pb.PrefillMessage(done=pb.PrefillDone(first_token_id=5, num_tokens=num_tokens,
-                                                    num_kv_messages=len(sent))).SerializeToString()
+    def prefill_stream(requests, context):
+        calls.append(context)
+        for _ in requests:
+            count = 0
+            pieces = [(layer, 0, kv[layer, 0], kv[layer, 1]) for layer in range(layers)]
+            for message in kv_messages(pieces, "", 6000):  # 2560 bytes a layer: two KVBatch, one KVChunk
+                sent.append(pb.PrefillMessage.FromString(message).WhichOneof("payload"))
+                count += 1
+                yield message
+            yield pb.PrefillMessage(done=pb.PrefillDone(first_token_id=5, num_tokens=num_tokens,
+                                                        num_kv_messages=count)).SerializeToString()
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pd.v1.PrefillService", {
-        "Prefill": grpc.unary_stream_rpc_method_handler(
-            prefill, request_deserializer=pb.PrefillRequest.FromString, response_serializer=None)}),))
+        "PrefillStream": grpc.stream_stream_rpc_method_handler(
+            prefill_stream, request_deserializer=pb.PrefillRequest.FromString, response_serializer=None)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    streams = StreamPool()
     try:
         pool = KVPool(KVLayout(layers, 8, bs, 2, 8, torch.bfloat16))
         connector = DecodeConnector([], PDPolicy())
-        block_ids = [6, 1, 3]
-        connector.register_kv_pool(pool, {"req-0": block_ids})
-        stream = channel.unary_stream("/pd.v1.PrefillService/Prefill",
-                                      request_serializer=pb.PrefillRequest.SerializeToString,
-                                      response_deserializer=None)
-        peer = SimpleNamespace(prefill_stream=stream, local_pool=None, transport="grpc", address="test")
-        t = Transfer("req-0", peer, list(range(num_tokens)), 0, block_ids, pb.PrefillRequest(), False)
-        result, nbytes = connector._stream(t)
+        peer = SimpleNamespace(start_transfer=lambda m, owner: streams.acquire(channel, m, owner),
+                               end_transfer=streams.release, local_pool=None, transport="grpc", address="test")
+        for block_ids in ([6, 1, 3], [0, 2, 7], [5, 4, 1]):
+            pool.data.zero_()
+            connector.register_kv_pool(pool, {"req-0": block_ids})
+            t = Transfer("req-0", peer, list(range(num_tokens)), 0, block_ids, pb.PrefillRequest(), False)
+            result, nbytes = connector._stream(t)
+            assert result.first_token_id == 5 and nbytes == kv.numel() * kv.element_size()
+            pos = torch.arange(num_tokens)
+            slots = torch.tensor(block_ids)[pos // bs] * bs + pos % bs
+            assert torch.equal(pool.data[:, :, slots], kv)
+        assert len(calls) == 1 and streams.num_idle == 1  # one call carried all three transfers
     finally:
+        streams.close()
         channel.close()
         server.stop(None)
-    assert {"kv", "kv_batch"} <= set(sent)
-    assert nbytes == kv.numel() * kv.element_size()
-    pos = torch.arange(num_tokens)
-    slots = torch.tensor(block_ids)[pos // bs] * bs + pos % bs
-    assert torch.equal(pool.data[:, :, slots], kv)
+

@@ -18,8 +18,10 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
+
 import pytest
 
 from server_utils import MODEL, free_port, metrics, start_process, sum_of, wait_for
@@ -310,8 +312,9 @@ def test_sigstop_prefill_node_requests_complete_then_remote_prefill_resumes(deco
 
 
 def test_a_transfer_deadline_counts_as_a_timeout():
-    """The two timeouts of DecodeConnector._stream(), driven by a fake gRPC call, get cause "timeout"."""
-    from types import SimpleNamespace
+    """The two deadlines of DecodeConnector._stream() cancel a stream that sends nothing
+    (a hung prefill node) and fail the transfer with cause "timeout"."""
+    import threading
 
     import grpc
 
@@ -319,39 +322,41 @@ def test_a_transfer_deadline_counts_as_a_timeout():
     from pd.decode.metrics import failure_cause
     from pd.decode.pd_connector import DecodeConnector, PDPolicy, Transfer, TransferFailed
 
-    class RpcError(grpc.RpcError):
-        def __init__(self, code):
-            self._code = code
-
+    class Cancelled(grpc.RpcError):
         def code(self):
-            return self._code
+            return grpc.StatusCode.CANCELLED
 
         def details(self):
-            return "fake"
+            return "Locally cancelled by application!"
 
-    class Call:
-        def __init__(self, code):
-            self.code = code
+    class HungStream:  # a PrefillStream call whose server never answers
+        def __init__(self, owner):
+            self.owner, self.cancelled = owner, threading.Event()
 
         def __iter__(self):
-            raise RpcError(self.code)
+            self.cancelled.wait(30)
+            raise Cancelled()
             yield  # a generator
 
-        def cancel(self):
-            pass
+        def cancel(self, owner=None):
+            self.cancelled.set()
 
-    def reason_for(code) -> str:
-        peer = SimpleNamespace(prefill_stream=lambda message, timeout: Call(code), local_pool=None,
-                               transport="grpc", address="127.0.0.1:1")
+    ended = []
+
+    def reason_for(policy: PDPolicy) -> str:
+        peer = SimpleNamespace(start_transfer=lambda message, owner: HungStream(owner),
+                               end_transfer=lambda stream, complete: ended.append(complete),
+                               local_pool=None, transport="grpc", address="127.0.0.1:1")
         t = Transfer("req-0", peer, list(range(32)), 0, [0, 1], pb.PrefillRequest(), False)
         with pytest.raises(TransferFailed) as info:
-            DecodeConnector([], PDPolicy(first_chunk_timeout_s=30))._stream(t)
+            DecodeConnector([], policy)._stream(t)
         return str(info.value)
 
-    first_chunk = reason_for(grpc.StatusCode.CANCELLED)  # the first-chunk timer cancels the call
-    deadline = reason_for(grpc.StatusCode.DEADLINE_EXCEEDED)  # --pd-transfer-timeout
-    assert "first-chunk" in first_chunk and failure_cause(first_chunk) == "timeout"
-    assert failure_cause(deadline) == "timeout", deadline
+    first_chunk = reason_for(PDPolicy(first_chunk_timeout_s=0.2, transfer_timeout_s=30))
+    deadline = reason_for(PDPolicy(first_chunk_timeout_s=30, transfer_timeout_s=0.2))
+    assert "first-chunk" in first_chunk and failure_cause(first_chunk) == "timeout", first_chunk
+    assert "exceeded" in deadline and failure_cause(deadline) == "timeout", deadline
+    assert ended == [False, False]  # neither stream goes back to the idle list
 
 
 # ---- (e) --pd-failure fail ------------------------------------------------------------------------

@@ -31,7 +31,10 @@ def test_only_imports_of_generated_modules_become_relative(tmp_path: Path):
 
 def test_grpc_stubs_import_relatively_and_export_the_protocol_version():
     from pd import _generated
-    assert _generated.PROTOCOL_VERSION == 2
+    from pd.tools.gen_proto import PROTO_DIR
+    from pd.transport.fingerprint import PROTOCOL_VERSION
+    assert _generated.PROTOCOL_VERSION == PROTOCOL_VERSION
+    assert f"protocol, version {PROTOCOL_VERSION} " in (PROTO_DIR / "prefill.proto").read_text()
     assert _generated.prefill_pb2_grpc.prefill__pb2 is _generated.prefill_pb2
     assert hasattr(_generated.prefill_pb2_grpc, "PrefillServiceServicer")
 

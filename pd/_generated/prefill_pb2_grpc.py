@@ -45,6 +45,11 @@ class PrefillServiceStub:
                 request_serializer=prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=prefill__pb2.PrefillMessage.FromString,
                 _registered_method=True)
+        self.PrefillStream = channel.stream_stream(
+                '/pd.v1.PrefillService/PrefillStream',
+                request_serializer=prefill__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=prefill__pb2.PrefillMessage.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/pd.v1.PrefillService/Release',
                 request_serializer=prefill__pb2.ReleaseRequest.SerializeToString,
@@ -75,6 +80,16 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefillStream(self, request_iterator, context):
+        """The same, many prompts on one long-lived call: the decode node sends a PrefillRequest
+        only once the previous one's Done has arrived, and each request is answered exactly as
+        Prefill answers it. A call that ends or fails mid-request fails that request only; the
+        decode node keeps a few idle calls per prefill node, so a transfer pays no call setup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Local transport: the decode node has copied the blocks of this lease; free them.
         """
@@ -98,6 +113,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
             ),
             'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
+                    request_deserializer=prefill__pb2.PrefillRequest.FromString,
+                    response_serializer=prefill__pb2.PrefillMessage.SerializeToString,
+            ),
+            'PrefillStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PrefillStream,
                     request_deserializer=prefill__pb2.PrefillRequest.FromString,
                     response_serializer=prefill__pb2.PrefillMessage.SerializeToString,
             ),
@@ -165,6 +185,33 @@ class PrefillService:
             request,
             target,
             '/pd.v1.PrefillService/Prefill',
+            prefill__pb2.PrefillRequest.SerializeToString,
+            prefill__pb2.PrefillMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pd.v1.PrefillService/PrefillStream',
             prefill__pb2.PrefillRequest.SerializeToString,
             prefill__pb2.PrefillMessage.FromString,
             options,

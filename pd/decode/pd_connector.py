@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from engine.kv_cache.kv_pool import KVPool
 from engine.kv_connector import FinishedTransfers, KVConnector
 from engine.request import Request
 from pd._generated import prefill_pb2 as pb
+from pd.decode.kv_stream import Deadlines
 from pd.decode.prefill_peer import PrefillPeer, _describe
 from pd.transport.fingerprint import engine_fingerprint, engine_kv_spec
 from pd.transport.kv_copy import KVCopyPlan
@@ -57,8 +59,11 @@ class Transfer:
     message: pb.PrefillRequest
     wants_logprobs: bool
     cancelled: threading.Event = field(default_factory=threading.Event)
-    call: object = None
+    call: object = None             # the KVStream carrying it
+    timed_out: str | None = None    # "first-chunk" or "transfer", set by its deadlines
+    awaiting_first: bool = True     # until its first message arrives
     copy_plan: tuple | None = None  # local transport: (chunk key, KVCopyPlan) of the last chunk
+    slot_runs: tuple | None = None  # grpc transport: ((start, n), runs of consecutive slots)
 
 
 class TransferFailed(Exception):
@@ -82,6 +87,7 @@ class DecodeConnector(KVConnector):
         self._finished = FinishedTransfers()
         self._stop = threading.Event()
         self._rr = 0
+        self._deadlines = Deadlines("pd-transfer-deadlines")
         self._health = threading.Thread(target=self._health_loop, name="pd-health", daemon=True)
 
     def register_kv_pool(self, pool: KVPool, block_tables: dict[str, list[int]]) -> None:
@@ -144,7 +150,7 @@ class DecodeConnector(KVConnector):
         if t is not None:
             t.cancelled.set()
             if t.call is not None:
-                t.call.cancel()
+                t.call.cancel(owner=t)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> bool:
         self._claimed.pop(request.request_id, None)
@@ -225,22 +231,21 @@ class DecodeConnector(KVConnector):
             self.metrics.fallback(reason, count_failure)
 
     def _stream(self, t: Transfer):
-        peer = t.peer
-        prefill, local_pool = peer.prefill_stream, peer.local_pool
-        if prefill is None:
+        peer, local_pool = t.peer, t.peer.local_pool
+        stream = peer.start_transfer(t.message, owner=t)
+        if stream is None:
             raise TransferFailed("prefill node disconnected", peer_down=True)
-        call = prefill(t.message, timeout=self.policy.transfer_timeout_s)
-        t.call = call
+        t.call = stream
+        ref = weakref.ref(t)  # a finished transfer is not kept until its deadlines pass
+        self._deadlines.call_later(self.policy.first_chunk_timeout_s, _time_out, ref, "first-chunk")
+        self._deadlines.call_later(self.policy.transfer_timeout_s, _time_out, ref, "transfer")
         if t.cancelled.is_set():
-            call.cancel()
-        timer = threading.Timer(self.policy.first_chunk_timeout_s, call.cancel)
-        timer.start()
-        nbytes, first, count = 0, True, 0
+            stream.cancel(owner=t)
+        nbytes, first, count, complete = 0, True, 0, False
         try:
-            for data in call:
+            for data in stream:
                 if first:
-                    timer.cancel()
-                    first = False
+                    t.awaiting_first = first = False
                 try:
                     chunks = read_kv_message(data)  # KV is read in place, without a protobuf copy
                     msg = pb.PrefillMessage.FromString(data) if chunks is None else None
@@ -255,25 +260,24 @@ class DecodeConnector(KVConnector):
                 elif kind == "done":
                     if msg.done.num_kv_messages != count:
                         raise TransferFailed(f"short KV stream: {count} of {msg.done.num_kv_messages} messages")
-                    return self._done(t, msg.done), nbytes
+                    result = self._done(t, msg.done)
+                    complete = True
+                    return result, nbytes
                 count += 1
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
             if t.cancelled.is_set():
                 raise TransferFailed("aborted") from None
-            if code == grpc.StatusCode.CANCELLED and first:
+            if t.timed_out == "first-chunk":
                 raise TransferFailed(f"no KV within {self.policy.first_chunk_timeout_s:.0f} s (first-chunk "
                                      "timeout)", peer_down=True) from None
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            code = exc.code() if hasattr(exc, "code") else None
+            if t.timed_out == "transfer" or code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TransferFailed(f"transfer exceeded {self.policy.transfer_timeout_s:.0f} s",
                                      peer_down=True) from None
             down = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
             raise TransferFailed(_describe(exc), peer_down=down) from None
-        except TransferFailed:
-            call.cancel()
-            raise
         finally:
-            timer.cancel()
+            peer.end_transfer(stream, complete)  # reused when complete, else cancelled
         raise TransferFailed("the KV stream ended before its last message (short stream)", peer_down=False)
 
     def _check_range(self, t: Transfer, layer: int, start: int, n: int) -> None:
@@ -287,24 +291,37 @@ class DecodeConnector(KVConnector):
         pos = torch.arange(start, start + n)
         return torch.tensor(block_ids, dtype=torch.long)[pos // bs] * bs + pos % bs
 
+    def _slot_runs(self, t: Transfer, start: int, n: int) -> list[tuple[int, int, int]]:
+        """(first row, first slot, rows) runs of positions [start, start + n) whose pool
+        slots are consecutive; every layer of a chunk shares them (cached on the transfer)."""
+        if t.slot_runs is None or t.slot_runs[0] != (start, n):
+            slots = self._slots(t.block_ids, start, n).numpy()
+            firsts = np.concatenate([[0], np.flatnonzero(slots[1:] != slots[:-1] + 1) + 1])
+            lengths = np.diff(np.append(firsts, n))
+            t.slot_runs = (start, n), list(zip(firsts.tolist(), slots[firsts].tolist(), lengths.tolist()))
+        return t.slot_runs[1]
+
     def _write_kv(self, t: Transfer, chunk: KVChunkView) -> int:
         self._check_range(t, chunk.layer, chunk.start, chunk.num_tokens)
         if t.cancelled.is_set():
             raise TransferFailed("aborted")
         lay = self.pool.layout
         n = chunk.num_tokens
-        slots = self._slots(t.block_ids, chunk.start, n)
         layer = self.pool.data[chunk.layer]
         if chunk.wire_dtype == dtype_name(lay.dtype) and layer.device.type == "cpu":
-            # raw bytes of the pool dtype: scatter rows straight from the message (one copy,
-            # single-threaded numpy: no OpenMP team to wake per message)
+            # raw bytes of the pool dtype: rows go straight from the message into runs of
+            # consecutive slots (one copy per run, single-threaded numpy: no OpenMP team to
+            # wake per message)
             row = lay.num_kv_heads * lay.head_dim * lay.itemsize
             if len(chunk.k) != n * row or len(chunk.v) != n * row:
                 raise TransferFailed(f"corrupt KV chunk: {len(chunk.k)}/{len(chunk.v)} bytes for {n} tokens")
-            idx = slots.numpy()
-            _rows(layer[0])[idx] = np.frombuffer(chunk.k, dtype=np.uint8).reshape(n, row)
-            _rows(layer[1])[idx] = np.frombuffer(chunk.v, dtype=np.uint8).reshape(n, row)
+            runs = self._slot_runs(t, chunk.start, n)
+            for dst, data in ((_rows(layer[0]), chunk.k), (_rows(layer[1]), chunk.v)):
+                src = np.frombuffer(data, dtype=np.uint8).reshape(n, row)
+                for first, slot, length in runs:
+                    dst[slot:slot + length] = src[first:first + length]
         else:
+            slots = self._slots(t.block_ids, chunk.start, n)
             shape = (n, lay.num_kv_heads, lay.head_dim)
             try:
                 k = decode_kv(chunk.k, chunk.wire_dtype, chunk.k_scale, shape, lay.dtype)
@@ -354,6 +371,17 @@ class DecodeConnector(KVConnector):
                     peer.check(self.pool.layout)
                 except Exception:  # keep probing whatever happens
                     logger.exception("health probe of %s failed", peer.address)
+
+
+def _time_out(ref: weakref.ref, which: str) -> None:
+    """A transfer's deadline passed: cancel its stream unless it has moved on (its first
+    message came, or it finished and the stream serves another transfer)."""
+    t = ref()
+    if t is None or (which == "first-chunk" and not t.awaiting_first):
+        return
+    if t.timed_out is None and t.call is not None and t.call.owner is t:
+        t.timed_out = which
+        t.call.cancel(owner=t)
 
 
 def _rows(t: torch.Tensor) -> np.ndarray:

@@ -10,6 +10,7 @@ import grpc
 
 from pd._generated import prefill_pb2 as pb
 from pd._generated import prefill_pb2_grpc as pb_grpc
+from pd.decode.kv_stream import KVStream, StreamPool
 from pd.transport.fingerprint import PROTOCOL_VERSION, Fingerprint, KVSpec, host_id
 from pd.transport.messages import fingerprint_to_pb, kv_spec_to_pb
 
@@ -37,7 +38,7 @@ class PrefillPeer:
         self.lock = threading.Lock()
         self.channel: grpc.Channel | None = None
         self.stub: pb_grpc.PrefillServiceStub | None = None
-        self.prefill_stream = None      # Prefill with raw responses (read by kv_frames.read_kv_message)
+        self.streams = StreamPool()     # idle PrefillStream calls (raw responses, read by kv_frames)
         self.transport: str | None = None
         self.shm = None
         self.local_pool = None          # torch view [layers, 2, slots, heads, dim] of the peer's pool
@@ -74,9 +75,6 @@ class PrefillPeer:
         with self.lock:
             self.close()
             self.channel, self.stub, self.transport = channel, stub, reply.transport
-            self.prefill_stream = channel.unary_stream(
-                "/pd.v1.PrefillService/Prefill", request_serializer=pb.PrefillRequest.SerializeToString,
-                response_deserializer=None)
             self.shm, self.local_pool = local if local else (None, None)
             self.healthy, self.refused = True, None
             self.backoff_s = MIN_BACKOFF_S
@@ -98,11 +96,23 @@ class PrefillPeer:
             layout.num_layers, 2, pool.num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim)
         return shm, view
 
+    def start_transfer(self, request: pb.PrefillRequest, owner: object) -> KVStream | None:
+        """Sends a PrefillRequest on an idle PrefillStream call (or a new one) for `owner`
+        (the transfer); None when the peer is disconnected."""
+        channel = self.channel
+        return None if channel is None else self.streams.acquire(channel, request, owner)
+
+    def end_transfer(self, stream: KVStream, complete: bool) -> None:
+        """A transfer is over: its stream goes back to the idle list if the transfer read
+        its Done, else the call is cancelled."""
+        self.streams.release(stream, reusable=complete and stream.channel is self.channel)
+
     def close(self) -> None:
         """Drops the channel and the shared-memory mapping (caller holds the lock or owns the peer)."""
+        self.streams.close()
         if self.channel is not None:
             self.channel.close()
-        self.channel = self.stub = self.prefill_stream = None
+        self.channel = self.stub = None
         self.local_pool = None
         if self.shm is not None:
             try:

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = REPO_ROOT / "proto"
 DEFAULT_OUT = REPO_ROOT / "pd" / "_generated"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 INIT_TEMPLATE = '''"""Generated gRPC stubs for the pd.v1 protocol.
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from engine.engine import LLMEngine
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 KV_LAYOUT = "layer,kv,slot,head,dim"
 
 

@@ -1,0 +1,130 @@
+"""Kept-open PrefillStream calls (pd.decode.kv_stream) against a real gRPC server."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+
+from pd._generated import prefill_pb2 as pb
+from pd.decode.kv_stream import MAX_IDLE_STREAMS, Deadlines, StreamPool
+
+
+def _done(num_tokens: int) -> bytes:
+    return pb.PrefillMessage(done=pb.PrefillDone(num_tokens=num_tokens)).SerializeToString()
+
+
+@pytest.fixture()
+def server():
+    """A PrefillStream server answering each request with one Done carrying its token
+    count; it records how many calls it saw and which of them ended (cancelled or not)."""
+    state = {"calls": 0, "ended": []}
+
+    def prefill_stream(requests, context):
+        state["calls"] += 1
+        call = state["calls"]
+        context.add_callback(lambda: state["ended"].append(call))
+        for request in requests:
+            yield _done(len(request.token_ids))
+
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_IDLE_STREAMS + 4))
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pd.v1.PrefillService", {
+        "PrefillStream": grpc.stream_stream_rpc_method_handler(
+            prefill_stream, request_deserializer=pb.PrefillRequest.FromString, response_serializer=None)}),))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield channel, state, port
+    channel.close()
+    srv.stop(None)
+
+
+def _transfer(pool: StreamPool, channel, n: int, reusable: bool = True):
+    stream = pool.acquire(channel, pb.PrefillRequest(token_ids=range(n)), owner=object())
+    reply = pb.PrefillMessage.FromString(next(iter(stream)))
+    pool.release(stream, reusable)
+    return stream, reply.done.num_tokens
+
+
+def test_one_call_carries_transfer_after_transfer(server):
+    channel, state, _ = server
+    pool = StreamPool()
+    streams = {_transfer(pool, channel, n)[0] for n in (3, 5, 7)}
+    assert len(streams) == 1 and state["calls"] == 1 and pool.num_idle == 1
+    assert [_transfer(pool, channel, n)[1] for n in (11, 13)] == [11, 13]  # answers stay in order
+    pool.close()
+    wait = time.monotonic() + 5
+    while state["ended"] != [1] and time.monotonic() < wait:
+        time.sleep(0.01)
+    assert state["ended"] == [1]  # close() ends the idle call on the server too
+
+
+def test_an_incomplete_transfer_is_never_reused(server):
+    channel, state, _ = server
+    pool = StreamPool()
+    first, _ = _transfer(pool, channel, 4, reusable=False)  # e.g. a timeout or a corrupt message
+    assert first.cancelled and pool.num_idle == 0
+    second, n = _transfer(pool, channel, 6)
+    assert second is not first and n == 6 and state["calls"] == 2
+    pool.close()
+
+
+def test_concurrent_transfers_get_their_own_calls_and_idle_calls_are_capped(server):
+    channel, state, _ = server
+    pool = StreamPool()
+    n = MAX_IDLE_STREAMS + 2
+    streams = [pool.acquire(channel, pb.PrefillRequest(token_ids=range(i + 1)), owner=i) for i in range(n)]
+    assert [pb.PrefillMessage.FromString(next(iter(s))).done.num_tokens for s in streams] == list(range(1, n + 1))
+    for s in streams:
+        pool.release(s, reusable=True)
+    assert state["calls"] == n and pool.num_idle == MAX_IDLE_STREAMS
+    assert sum(s.cancelled for s in streams) == n - MAX_IDLE_STREAMS
+    pool.close()
+
+
+def test_streams_of_an_old_channel_are_not_reused(server):
+    channel, state, port = server
+    pool = StreamPool()
+    old, _ = _transfer(pool, channel, 2)
+    reconnected = grpc.insecure_channel(f"127.0.0.1:{port}")  # as PrefillPeer.connect() makes after a restart
+    try:
+        new, n = _transfer(pool, reconnected, 3)
+        assert new is not old and old.cancelled and n == 3 and state["calls"] == 2
+    finally:
+        pool.close()
+        reconnected.close()
+
+
+def test_cancel_with_an_owner_only_cancels_that_owners_transfer(server):
+    channel, _, _ = server
+    pool = StreamPool()
+    first_owner, second_owner = object(), object()
+    stream = pool.acquire(channel, pb.PrefillRequest(token_ids=[1]), owner=first_owner)
+    next(iter(stream))
+    pool.release(stream, reusable=True)
+    again = pool.acquire(channel, pb.PrefillRequest(token_ids=[1, 2]), owner=second_owner)
+    assert again is stream
+    stream.cancel(owner=first_owner)  # a late timeout of the finished transfer: ignored
+    assert not stream.cancelled
+    assert pb.PrefillMessage.FromString(next(iter(stream))).done.num_tokens == 2
+    stream.cancel(owner=second_owner)
+    assert stream.cancelled
+    with pytest.raises(grpc.RpcError) as info:
+        next(iter(stream))
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    pool.close()
+
+
+def test_deadlines_fire_in_order_from_one_thread():
+    deadlines = Deadlines("test-deadlines")
+    fired, done = [], threading.Event()
+    start = time.monotonic()
+    for delay, name in ((0.15, "c"), (0.05, "a"), (0.1, "b")):
+        deadlines.call_later(delay, lambda n: (fired.append((n, time.monotonic() - start)), n == "c" and done.set()),
+                             name)
+    deadlines.call_later(0.0, lambda: 1 / 0)  # a failing callback does not stop the others
+    assert done.wait(5)
+    assert [n for n, _ in fired] == ["a", "b", "c"]
+    assert all(at >= delay for (_, at), delay in zip(fired, (0.05, 0.1, 0.15)))
