@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from server_utils import MODEL, free_port, metrics, parse_metrics, start_process, sum_of
+from server_utils import MODEL, free_port, metrics, parse_metrics, start_process, sum_of, wait_for
 
 ENGINE = ["--dtype", "float32", "--max-model-len", "2048", "--kv-cache-gb", "0.3", "--log-level", "info"]
 DECODE_READY, PREFILL_READY = "pd-decode ready:", "pd-prefill ready:"
@@ -321,3 +321,69 @@ def test_prefill_node_counts_a_transfer_whose_stream_is_dropped_after_done(tmp_p
         engine.shutdown()
     m = parse_metrics(prefill_metrics.render().decode())
     assert m.get('pdserve:prefill_transfers_total{model_name="tiny",transport="grpc"}') == 1.0
+
+
+def test_prefill_stream_answers_requests_in_turn_and_a_dropped_call_frees_everything(tmp_path):
+    """PrefillStream on one call: each request is answered up to its Done like Prefill
+    would answer it; a call dropped mid-request aborts that prefill and frees its blocks."""
+    import asyncio
+
+    from engine.api import EngineBuilder, ModelRepo
+    from engine.async_engine import AsyncEngine
+    from engine.sampling_params import SamplingParams
+    from pd._generated import prefill_pb2 as pb
+    from pd.prefill.connector import PrefillConnector
+    from pd.prefill.service import PrefillServicer
+    from pd.transport.kv_frames import read_kv_message
+    from pd.transport.messages import sampling_to_pb
+    from tiny_models import build_tiny_model_dir
+
+    path, _ = build_tiny_model_dir("llama", tmp_path)
+    connector = PrefillConnector()
+    llm = (EngineBuilder(ModelRepo.dir(str(path))).dtype("float32").kv_cache_gb(0.01)
+           .connector(connector).build_llm_engine())
+    engine = AsyncEngine(llm).start()
+    servicer = PrefillServicer(engine, connector, None, max_message_bytes=4096)
+    sampling = sampling_to_pb(SamplingParams(max_tokens=16, temperature=0.0))
+    prompts = [list(range(5, 45)), list(range(100, 133)), list(range(200, 260))]
+    free_at_start = llm.stats().num_free_blocks
+
+    async def one_call(requests_to_answer: int, drop_after_kv: bool) -> list[tuple[int, int]]:
+        """Sends the prompts one at a time on one PrefillStream call, each after the
+        previous Done; returns (KV tokens covered, Done.num_tokens) per answered prompt."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while (request := await queue.get()) is not None:
+                yield request
+
+        call = servicer.PrefillStream(requests(), None)
+        answers: list[tuple[int, int]] = []
+        for i, tokens in enumerate(prompts):
+            await queue.put(pb.PrefillRequest(request_id=f"req-{i}", token_ids=tokens, transport="grpc",
+                                              sampling=sampling))
+            covered = set()
+            async for msg in call:
+                chunks = read_kv_message(msg) if isinstance(msg, bytes) else None
+                if chunks is not None:
+                    covered |= {(c.layer, p) for c in chunks for p in range(c.start, c.start + c.num_tokens)}
+                    if drop_after_kv and i == requests_to_answer:
+                        await call.aclose()  # what a cancelled call does to the handler
+                        return answers
+                    continue
+                msg = pb.PrefillMessage.FromString(msg) if isinstance(msg, bytes) else msg
+                assert msg.WhichOneof("payload") == "done"
+                answers.append((len(covered) // llm.pool.layout.num_layers, msg.done.num_tokens))
+                break
+        await queue.put(None)
+        await call.aclose()
+        return answers
+
+    try:
+        assert asyncio.run(one_call(3, drop_after_kv=False)) == [(len(p), len(p)) for p in prompts]
+        assert asyncio.run(one_call(1, drop_after_kv=True)) == [(len(prompts[0]), len(prompts[0]))]
+        wait_for(lambda: llm.stats().num_running == 0 and llm.stats().num_free_blocks == free_at_start, 10,
+                 "the dropped prefill to be aborted and its blocks freed")
+        assert not connector._sinks
+    finally:
+        engine.shutdown()
