@@ -63,6 +63,7 @@ class Transfer:
     timed_out: str | None = None    # "first-chunk" or "transfer", set by its deadlines
     awaiting_first: bool = True     # until its first message arrives
     copy_plan: tuple | None = None  # local transport: (chunk key, KVCopyPlan) of the last chunk
+    slots: np.ndarray | None = None  # grpc transport: pool slot of each position
     slot_runs: tuple | None = None  # grpc transport: ((start, n), runs of consecutive slots)
 
 
@@ -286,16 +287,21 @@ class DecodeConnector(KVConnector):
             raise TransferFailed(f"corrupt KV message: layer {layer}, positions [{start}, {start + n}) outside "
                                  f"[{t.skip}, {len(t.token_ids)})")
 
-    def _slots(self, block_ids: list[int], start: int, n: int) -> torch.Tensor:
-        bs = self.pool.layout.block_size
-        pos = torch.arange(start, start + n)
-        return torch.tensor(block_ids, dtype=torch.long)[pos // bs] * bs + pos % bs
+    def _slots(self, t: Transfer, start: int, n: int) -> np.ndarray:
+        """Pool slots of positions [start, start + n) of the transfer (numpy on purpose:
+        small torch ops here would wake torch's OpenMP team, whose spinning threads then
+        take the cores from gRPC's own threads)."""
+        if t.slots is None:
+            bs = self.pool.layout.block_size
+            pos = np.arange(len(t.token_ids))
+            t.slots = np.asarray(t.block_ids, dtype=np.int64)[pos // bs] * bs + pos % bs
+        return t.slots[start:start + n]
 
     def _slot_runs(self, t: Transfer, start: int, n: int) -> list[tuple[int, int, int]]:
         """(first row, first slot, rows) runs of positions [start, start + n) whose pool
         slots are consecutive; every layer of a chunk shares them (cached on the transfer)."""
         if t.slot_runs is None or t.slot_runs[0] != (start, n):
-            slots = self._slots(t.block_ids, start, n).numpy()
+            slots = self._slots(t, start, n)
             firsts = np.concatenate([[0], np.flatnonzero(slots[1:] != slots[:-1] + 1) + 1])
             lengths = np.diff(np.append(firsts, n))
             t.slot_runs = (start, n), list(zip(firsts.tolist(), slots[firsts].tolist(), lengths.tolist()))
@@ -321,7 +327,7 @@ class DecodeConnector(KVConnector):
                 for first, slot, length in runs:
                     dst[slot:slot + length] = src[first:first + length]
         else:
-            slots = self._slots(t.block_ids, chunk.start, n)
+            slots = torch.from_numpy(self._slots(t, chunk.start, n).copy())
             shape = (n, lay.num_kv_heads, lay.head_dim)
             try:
                 k = decode_kv(chunk.k, chunk.wire_dtype, chunk.k_scale, shape, lay.dtype)
