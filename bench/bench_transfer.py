@@ -184,6 +184,7 @@ def raw_tcp_receive(port: int, num_bytes: int) -> Callable[[], None]:
 
 class _OneCall:
     """A new Prefill call per transfer, shaped like the KVStream the decode node reads."""
+    reused = False
 
     def __init__(self, call, owner):
         self.call, self.owner = call, owner
@@ -211,10 +212,10 @@ def grpc_receive(channel, streams, pool, block_ids: list[int], num_tokens: int, 
                                    request_serializer=pb.PrefillRequest.SerializeToString,
                                    response_deserializer=None)
     if per_call:
-        peer = SimpleNamespace(start_transfer=lambda m, owner: _OneCall(prefill(m), owner),
+        peer = SimpleNamespace(start_transfer=lambda m, owner, fresh: _OneCall(prefill(m), owner),
                                end_transfer=lambda stream, complete: None)
     else:
-        peer = SimpleNamespace(start_transfer=lambda m, owner: streams.acquire(channel, m, owner),
+        peer = SimpleNamespace(start_transfer=lambda m, owner, fresh: streams.acquire(channel, m, owner, fresh),
                                end_transfer=streams.release)
     peer.local_pool, peer.transport, peer.address = None, "grpc", "bench"
     connector = DecodeConnector([], PDPolicy())

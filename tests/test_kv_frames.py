@@ -145,7 +145,7 @@ def test_decode_connector_reads_a_batched_grpc_stream_into_its_pool():
     try:
         pool = KVPool(KVLayout(layers, 8, bs, 2, 8, torch.bfloat16))
         connector = DecodeConnector([], PDPolicy())
-        peer = SimpleNamespace(start_transfer=lambda m, owner: streams.acquire(channel, m, owner),
+        peer = SimpleNamespace(start_transfer=lambda m, owner, fresh: streams.acquire(channel, m, owner, fresh),
                                end_transfer=streams.release, local_pool=None, transport="grpc", address="test")
         for block_ids in ([6, 1, 3], [0, 2, 7], [5, 4, 1]):
             pool.data.zero_()

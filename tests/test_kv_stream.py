@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent import futures
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -128,3 +129,50 @@ def test_deadlines_fire_in_order_from_one_thread():
     assert done.wait(5)
     assert [n for n, _ in fired] == ["a", "b", "c"]
     assert all(at >= delay for (_, at), delay in zip(fired, (0.05, 0.1, 0.15)))
+
+
+def test_a_kept_open_call_that_died_while_idle_is_retried_once_on_a_new_call():
+    """A server that ends each call after one answer (as a restarted node or a proxy's idle
+    timeout would): the next transfer finds its kept-open call dead, goes again on a new
+    call and succeeds; with the server gone, the retry fails as a normal transfer failure."""
+    import torch
+
+    from engine.kv_cache.kv_pool import KVLayout, KVPool
+    from pd.decode.pd_connector import DecodeConnector, PDPolicy, Transfer, TransferFailed
+
+    calls = []
+
+    def one_answer_per_call(requests, context):
+        calls.append(context)
+        request = next(requests)
+        yield pb.PrefillMessage(done=pb.PrefillDone(first_token_id=7, num_tokens=len(request.token_ids))
+                                ).SerializeToString()
+
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pd.v1.PrefillService", {
+        "PrefillStream": grpc.stream_stream_rpc_method_handler(
+            one_answer_per_call, request_deserializer=pb.PrefillRequest.FromString, response_serializer=None)}),))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    pool = StreamPool()
+    peer = SimpleNamespace(start_transfer=lambda m, owner, fresh: pool.acquire(channel, m, owner, fresh),
+                           end_transfer=pool.release, local_pool=None, transport="grpc", address="test")
+    connector = DecodeConnector([], PDPolicy(first_chunk_timeout_s=5, transfer_timeout_s=5))
+    connector.register_kv_pool(KVPool(KVLayout(1, 4, 16, 1, 8, torch.float32)), {})
+
+    def transfer():
+        t = Transfer("req", peer, list(range(4)), 0, [0], pb.PrefillRequest(token_ids=range(4)), False)
+        return connector._stream(t)
+
+    try:
+        for expected_calls in (1, 2, 3):
+            result, nbytes = transfer()
+            assert result.first_token_id == 7 and nbytes == 0 and len(calls) == expected_calls
+        srv.stop(None)
+        with pytest.raises(TransferFailed):
+            transfer()
+    finally:
+        pool.close()
+        channel.close()
+        srv.stop(None)

@@ -330,6 +330,8 @@ def test_a_transfer_deadline_counts_as_a_timeout():
             return "Locally cancelled by application!"
 
     class HungStream:  # a PrefillStream call whose server never answers
+        reused = False
+
         def __init__(self, owner):
             self.owner, self.cancelled = owner, threading.Event()
 
@@ -344,7 +346,7 @@ def test_a_transfer_deadline_counts_as_a_timeout():
     ended = []
 
     def reason_for(policy: PDPolicy) -> str:
-        peer = SimpleNamespace(start_transfer=lambda message, owner: HungStream(owner),
+        peer = SimpleNamespace(start_transfer=lambda message, owner, fresh: HungStream(owner),
                                end_transfer=lambda stream, complete: ended.append(complete),
                                local_pool=None, transport="grpc", address="127.0.0.1:1")
         t = Transfer("req-0", peer, list(range(32)), 0, [0, 1], pb.PrefillRequest(), False)

@@ -38,6 +38,7 @@ class KVStream:
         self._call = method(self._request_iter())
         self._responses: Iterator[bytes] = iter(self._call)
         self.cancelled = False
+        self.reused = False             # taken from the idle list (it may have died there)
         self.owner: object = None
         self._lock = threading.Lock()
 
@@ -75,17 +76,22 @@ class StreamPool:
         self._lock = threading.Lock()
         self._idle: list[KVStream] = []
 
-    def acquire(self, channel: grpc.Channel, request: pb.PrefillRequest, owner: object) -> KVStream:
-        """An idle stream of this channel, or a new one, with the request sent on it."""
+    def acquire(self, channel: grpc.Channel, request: pb.PrefillRequest, owner: object,
+                fresh: bool = False) -> KVStream:
+        """An idle stream of this channel (unless fresh), or a new one, with the request
+        sent on it."""
         with self._lock:
-            while self._idle:
+            while self._idle and not fresh:
                 stream = self._idle.pop()
                 if stream.channel is channel and not stream.cancelled:
                     break
                 stream.cancel()
             else:
                 stream = None
-        stream = stream or KVStream(channel)
+        if stream is None:
+            stream = KVStream(channel)
+        else:
+            stream.reused = True
         stream.send(request, owner)
         return stream
 

@@ -73,6 +73,10 @@ class TransferFailed(Exception):
         self.peer_down = peer_down
 
 
+class _IdleStreamClosed(Exception):
+    """A kept-open PrefillStream call ended before answering: it had died while idle."""
+
+
 class DecodeConnector(KVConnector):
     def __init__(self, addresses: list[str], policy: PDPolicy, max_workers: int = 16):
         self.addresses = addresses
@@ -232,14 +236,24 @@ class DecodeConnector(KVConnector):
             self.metrics.fallback(reason, count_failure)
 
     def _stream(self, t: Transfer):
-        peer, local_pool = t.peer, t.peer.local_pool
-        stream = peer.start_transfer(t.message, owner=t)
-        if stream is None:
-            raise TransferFailed("prefill node disconnected", peer_down=True)
-        t.call = stream
         ref = weakref.ref(t)  # a finished transfer is not kept until its deadlines pass
         self._deadlines.call_later(self.policy.first_chunk_timeout_s, _time_out, ref, "first-chunk")
         self._deadlines.call_later(self.policy.transfer_timeout_s, _time_out, ref, "transfer")
+        try:
+            return self._stream_once(t, fresh=False)
+        except _IdleStreamClosed as exc:
+            # a kept-open call that died while idle (the node restarted, a proxy closed it)
+            # and never answered: the transfer goes again, once, on a new call
+            logger.info("KV stream to %s was closed while idle (%s); retrying %s on a new one",
+                        t.peer.address, exc, t.request_id)
+            return self._stream_once(t, fresh=True)
+
+    def _stream_once(self, t: Transfer, fresh: bool):
+        peer, local_pool = t.peer, t.peer.local_pool
+        stream = peer.start_transfer(t.message, owner=t, fresh=fresh)
+        if stream is None:
+            raise TransferFailed("prefill node disconnected", peer_down=True)
+        t.call = stream
         if t.cancelled.is_set():
             stream.cancel(owner=t)
         nbytes, first, count, complete = 0, True, 0, False
@@ -268,6 +282,8 @@ class DecodeConnector(KVConnector):
         except grpc.RpcError as exc:
             if t.cancelled.is_set():
                 raise TransferFailed("aborted") from None
+            if first and stream.reused and t.timed_out is None:
+                raise _IdleStreamClosed(_describe(exc)) from None
             if t.timed_out == "first-chunk":
                 raise TransferFailed(f"no KV within {self.policy.first_chunk_timeout_s:.0f} s (first-chunk "
                                      "timeout)", peer_down=True) from None
@@ -279,6 +295,8 @@ class DecodeConnector(KVConnector):
             raise TransferFailed(_describe(exc), peer_down=down) from None
         finally:
             peer.end_transfer(stream, complete)  # reused when complete, else cancelled
+        if first and stream.reused and not t.cancelled.is_set():
+            raise _IdleStreamClosed("the call had ended")
         raise TransferFailed("the KV stream ended before its last message (short stream)", peer_down=False)
 
     def _check_range(self, t: Transfer, layer: int, start: int, n: int) -> None:

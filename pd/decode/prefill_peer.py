@@ -96,11 +96,11 @@ class PrefillPeer:
             layout.num_layers, 2, pool.num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim)
         return shm, view
 
-    def start_transfer(self, request: pb.PrefillRequest, owner: object) -> KVStream | None:
-        """Sends a PrefillRequest on an idle PrefillStream call (or a new one) for `owner`
-        (the transfer); None when the peer is disconnected."""
+    def start_transfer(self, request: pb.PrefillRequest, owner: object, fresh: bool = False) -> KVStream | None:
+        """Sends a PrefillRequest on an idle PrefillStream call (or, if fresh or none is
+        idle, a new one) for `owner` (the transfer); None when the peer is disconnected."""
         channel = self.channel
-        return None if channel is None else self.streams.acquire(channel, request, owner)
+        return None if channel is None else self.streams.acquire(channel, request, owner, fresh)
 
     def end_transfer(self, stream: KVStream, complete: bool) -> None:
         """A transfer is over: its stream goes back to the idle list if the transfer read
