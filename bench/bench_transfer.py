@@ -11,8 +11,9 @@ bytes per token) moves from a "prefill" process to this "decode" process:
            idle long-lived call (kv_stream.StreamPool, as the decode node does), reads raw
            responses (kv_frames.read_kv_message, no protobuf copy) up to Done and
            decode_kv_into a preallocated pool; "call" opens one Prefill call per transfer
-           instead (protocol v2's way); "raw" streams prebuilt 1 MiB byte strings on a
-           PrefillStream call, nothing packed or decoded: gRPC's own ceiling here
+           instead (protocol v2's way); "raw" streams the same 2 MiB messages, packed once
+           beforehand, on a PrefillStream call and reads them without decoding: gRPC's own
+           ceiling here
   shm      the prefill process writes a paged pool in a SharedKVBuffer; this process
            attaches and copies the request's blocks into its own pool, layer by layer,
            with kv_copy.KVCopyPlan (the decode node's local-transport copy). Block tables:
@@ -94,28 +95,27 @@ def _serve_tcp(listener: socket.socket) -> None:
 def _prefill_handlers(kv: torch.Tensor):
     """PrefillService.Prefill and PrefillStream streaming the KV of len(token_ids) tokens,
     then Done. request_id is "<max message bytes>/<fast|raw>": fast packs with
-    kv_frames.kv_messages as PrefillServicer does, raw streams the same number of bytes
-    from one prebuilt buffer (gRPC's own ceiling)."""
+    kv_frames.kv_messages as PrefillServicer does, raw streams the same messages packed
+    once beforehand (gRPC's own ceiling)."""
     import grpc
     from pd._generated import prefill_pb2 as pb
     from pd.transport.kv_frames import kv_messages
 
-    raw_payload = bytes(SEND_SIZE)
+    packed: dict[tuple[int, int], list[bytes]] = {}
 
     async def prefill(request, context):
         max_bytes, mode = request.request_id.split("/")
         num_tokens, count = len(request.token_ids), 0
-        if mode == "raw":
-            remaining = num_tokens * BYTES_PER_TOKEN
-            while remaining:
-                count += 1
-                yield raw_payload[:min(remaining, SEND_SIZE)]
-                remaining -= min(remaining, SEND_SIZE)
-        else:  # what PrefillServicer sends when all layers are ready
-            pieces = [(layer, 0, kv[layer, 0, :num_tokens], kv[layer, 1, :num_tokens]) for layer in range(NUM_LAYERS)]
-            for message in kv_messages(pieces, request.wire_dtype, int(max_bytes)):
-                count += 1
-                yield message
+        pieces = [(layer, 0, kv[layer, 0, :num_tokens], kv[layer, 1, :num_tokens]) for layer in range(NUM_LAYERS)]
+        messages = kv_messages(pieces, request.wire_dtype, int(max_bytes))  # what PrefillServicer sends
+        if mode == "raw":  # packed once, on the warm-up transfer
+            key = (num_tokens, int(max_bytes))
+            if key not in packed:
+                packed[key] = list(messages)
+            messages = packed[key]
+        for message in messages:
+            count += 1
+            yield message
         done = pb.PrefillDone(num_tokens=num_tokens, num_kv_messages=count)
         yield pb.PrefillMessage(done=done).SerializeToString()
 
@@ -229,10 +229,10 @@ def grpc_receive(channel, streams, pool, block_ids: list[int], num_tokens: int, 
 
 
 def grpc_raw_receive(channel, streams, num_tokens: int) -> Callable[[], None]:
-    """gRPC alone: prebuilt 1 MiB byte strings on a PrefillStream call, nothing decoded."""
+    """gRPC alone: 2 MiB messages packed beforehand on a PrefillStream call, nothing decoded."""
     from pd._generated import prefill_pb2 as pb
 
-    request = pb.PrefillRequest(request_id=f"{SEND_SIZE}/raw", token_ids=range(num_tokens))
+    request = pb.PrefillRequest(request_id=f"{MESSAGE_SIZES[0]}/raw", token_ids=range(num_tokens))
     done_tag = pb.PrefillMessage(done=pb.PrefillDone(num_tokens=1)).SerializeToString()[:1]
 
     def receive() -> None:
@@ -309,8 +309,8 @@ def print_table(rows: list[dict], repeats: int, threads: int) -> None:
     totals = {m: sum(r["bytes"] / r[f"grpc{m >> 20}M"] for r in rows) for m in MESSAGE_SIZES}
     print(f"gRPC = DecodeConnector._stream (the decode node's code) on PrefillStream calls kept open between "
           f"transfers; {min(totals, key=totals.get) >> 20} MiB messages took the least total time; call = a "
-          f"new Prefill call per transfer; raw = gRPC alone (prebuilt 1 MiB byte strings, nothing packed or "
-          f"decoded): the ceiling for any gRPC transport here; x{BACK_TO_BACK} = {BACK_TO_BACK} transfers "
+          f"new Prefill call per transfer; raw = gRPC alone (the same 2 MiB messages packed beforehand, "
+          f"nothing decoded): the ceiling for any gRPC transport here; x{BACK_TO_BACK} = {BACK_TO_BACK} transfers "
           "back to back (a busy node), the others one transfer between other work")
     head = (f"{'tokens':>6} {'MB':>6} | {'memcpy':>6} {f'copy_{threads}t':>8} {'fresh':>6} {'churn':>6} "
             f"{'random':>6} {'shm/mem':>7} {'>=50%':>5} {f'/copy_{threads}t':>9} {'churn':>6} {'random':>6}")

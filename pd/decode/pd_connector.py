@@ -98,6 +98,12 @@ class DecodeConnector(KVConnector):
     def register_kv_pool(self, pool: KVPool, block_tables: dict[str, list[int]]) -> None:
         self.pool = pool
         self.block_tables = block_tables
+        lay = pool.layout
+        # grpc transport, KV in the pool dtype on a CPU pool: messages are copied straight
+        # into these per-layer (k rows, v rows) views of the pool, one row per slot
+        self._raw_wire = dtype_name(lay.dtype) if pool.data.device.type == "cpu" else None
+        self._row_bytes = lay.num_kv_heads * lay.head_dim * lay.itemsize
+        self._layer_rows = [(_rows(layer[0]), _rows(layer[1])) for layer in pool.data] if self._raw_wire else []
 
     def attach(self, llm, transport: str, connect_timeout_s: float, metrics=None) -> None:
         """Binds the connector to its engine: the fingerprint it offers peers, and metrics."""
@@ -329,22 +335,22 @@ class DecodeConnector(KVConnector):
         self._check_range(t, chunk.layer, chunk.start, chunk.num_tokens)
         if t.cancelled.is_set():
             raise TransferFailed("aborted")
-        lay = self.pool.layout
         n = chunk.num_tokens
-        layer = self.pool.data[chunk.layer]
-        if chunk.wire_dtype == dtype_name(lay.dtype) and layer.device.type == "cpu":
+        if chunk.wire_dtype == self._raw_wire:
             # raw bytes of the pool dtype: rows go straight from the message into runs of
             # consecutive slots (one copy per run, single-threaded numpy: no OpenMP team to
             # wake per message)
-            row = lay.num_kv_heads * lay.head_dim * lay.itemsize
+            row = self._row_bytes
             if len(chunk.k) != n * row or len(chunk.v) != n * row:
                 raise TransferFailed(f"corrupt KV chunk: {len(chunk.k)}/{len(chunk.v)} bytes for {n} tokens")
             runs = self._slot_runs(t, chunk.start, n)
-            for dst, data in ((_rows(layer[0]), chunk.k), (_rows(layer[1]), chunk.v)):
+            k_rows, v_rows = self._layer_rows[chunk.layer]
+            for dst, data in ((k_rows, chunk.k), (v_rows, chunk.v)):
                 src = np.frombuffer(data, dtype=np.uint8).reshape(n, row)
                 for first, slot, length in runs:
                     dst[slot:slot + length] = src[first:first + length]
         else:
+            lay, layer = self.pool.layout, self.pool.data[chunk.layer]
             slots = torch.from_numpy(self._slots(t, chunk.start, n).copy())
             shape = (n, lay.num_kv_heads, lay.head_dim)
             try:

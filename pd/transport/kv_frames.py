@@ -123,21 +123,33 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 
 def _fields(buf: memoryview):
-    """(field number, wire type, value) of a serialized message; LEN values are views."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
+    """(field number, wire type, value) of a serialized message; LEN values are views.
+    (Tags and lengths under 128 take the one-byte path: this runs once per field of
+    every KV message on the decode node's receive thread.)"""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _read_varint(buf, pos)
         number, kind = key >> 3, key & 7
         if kind == 0:
-            value, pos = _read_varint(buf, pos)
+            if pos < end and buf[pos] < 0x80:
+                value, pos = buf[pos], pos + 1
+            else:
+                value, pos = _read_varint(buf, pos)
         elif kind == 2:
-            size, pos = _read_varint(buf, pos)
-            if pos + size > len(buf):
+            if pos < end and buf[pos] < 0x80:
+                size, pos = buf[pos], pos + 1
+            else:
+                size, pos = _read_varint(buf, pos)
+            if pos + size > end:
                 raise ValueError("corrupt KV message: a field runs past the end")
             value, pos = buf[pos:pos + size], pos + size
         elif kind in (1, 5):
             width = 8 if kind == 1 else 4
-            if pos + width > len(buf):
+            if pos + width > end:
                 raise ValueError("corrupt KV message: truncated fixed-width field")
             value, pos = buf[pos:pos + width], pos + width
         else:
@@ -145,25 +157,32 @@ def _fields(buf: memoryview):
         yield number, kind, value
 
 
+_VARINT_FIELDS = {1: 0, 2: 1, 3: 2}  # layer, start, num_tokens: their slot in KVChunkView
+_WIRE_TYPES = {1: 0, 2: 0, 3: 0, 4: 2, 5: 2, 6: 2, 7: 5, 8: 5}
+
+
 def _chunk_view(buf: memoryview) -> KVChunkView:
-    f = {"layer": 0, "start": 0, "num_tokens": 0, "wire_dtype": "", "k": buf[:0], "v": buf[:0],
-         "k_scale": 0.0, "v_scale": 0.0}
-    names = {1: "layer", 2: "start", 3: "num_tokens", 4: "wire_dtype", 5: "k", 6: "v", 7: "k_scale", 8: "v_scale"}
+    ints, wire_dtype, k, v, k_scale, v_scale = [0, 0, 0], "", buf[:0], buf[:0], 0.0, 0.0
     for number, kind, value in _fields(buf):
-        name = names.get(number)
-        if name is None:
+        expected = _WIRE_TYPES.get(number)
+        if expected is None:
             continue  # a field from a newer peer
-        if name == "wire_dtype" and kind == 2:
-            f[name] = bytes(value).decode()
-        elif name in ("k", "v") and kind == 2:
-            f[name] = value
-        elif name.endswith("scale") and kind == 5:
-            f[name] = struct.unpack("<f", value)[0]
-        elif kind == 0 and name in ("layer", "start", "num_tokens"):
-            f[name] = value
-        else:
+        if kind != expected:
+            name = KVChunkView._fields[number - 1]
             raise ValueError(f"corrupt KV message: field {name} has wire type {kind}")
-    return KVChunkView(**f)
+        if kind == 0:
+            ints[_VARINT_FIELDS[number]] = value
+        elif number == 5:
+            k = value
+        elif number == 6:
+            v = value
+        elif number == 4:
+            wire_dtype = bytes(value).decode()
+        elif number == 7:
+            k_scale = struct.unpack("<f", value)[0]
+        else:
+            v_scale = struct.unpack("<f", value)[0]
+    return KVChunkView(ints[0], ints[1], ints[2], wire_dtype, k, v, k_scale, v_scale)
 
 
 def read_kv_message(data: bytes) -> list[KVChunkView] | None:
