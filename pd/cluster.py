@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     nodes = plan(args, extra)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGINT stops the cluster even where it started ignored (a job started with & from a
+    # script), as a server's handlers do
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         routers = [n for n in nodes if n.name == "router"]
         for n in routers:

@@ -99,8 +99,9 @@ class RunningProcess:
 
 
 def start_process(args: list[str], ready_marker: str, timeout: float = 120.0,
-                  env: dict[str, str] | None = None) -> RunningProcess:
-    """Starts `args`, waits up to `timeout` s for a stdout line containing `ready_marker`.
+                  env: dict[str, str] | None = None, preexec_fn=None) -> RunningProcess:
+    """Starts `args`, waits up to `timeout` s for a stdout line containing `ready_marker`
+    (preexec_fn runs in the child before the program, as in subprocess.Popen).
 
     Raises ProcessStartError (with the logs) if the process exits or times out first; the
     process is killed in that case.
@@ -110,7 +111,7 @@ def start_process(args: list[str], ready_marker: str, timeout: float = 120.0,
     if env:
         full_env.update(env)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            text=True, bufsize=1, env=full_env)
+                            text=True, bufsize=1, env=full_env, preexec_fn=preexec_fn)
     rp = RunningProcess(proc, list(args))
     rp._threads = [threading.Thread(target=rp._read, args=(proc.stdout, rp._stdout, ready_marker), daemon=True),
                    threading.Thread(target=rp._read, args=(proc.stderr, rp._stderr, None), daemon=True)]
