@@ -1,8 +1,6 @@
 """KV message packing (kv_frames.kv_messages / KVBatch) and the in-place reader (read_kv_message)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -110,11 +108,8 @@ def test_decode_connector_reads_a_batched_grpc_stream_into_its_pool():
     """Real PrefillStream calls of packed KV (KVBatch and split KVChunk messages) land in
     the decode node's pool slots, through the raw-bytes stream the decode node uses; the
     second and third transfers reuse the first one's call."""
-    from concurrent import futures
-
-    import grpc
-
     from engine.kv_cache.kv_pool import KVLayout, KVPool
+    from grpc_utils import serve_prefill_stream, stream_peer
     from pd.decode.kv_stream import StreamPool
     from pd.decode.pd_connector import DecodeConnector, PDPolicy, Transfer
 
@@ -134,19 +129,12 @@ def test_decode_connector_reads_a_batched_grpc_stream_into_its_pool():
             yield pb.PrefillMessage(done=pb.PrefillDone(first_token_id=5, num_tokens=num_tokens,
                                                         num_kv_messages=count)).SerializeToString()
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pd.v1.PrefillService", {
-        "PrefillStream": grpc.stream_stream_rpc_method_handler(
-            prefill_stream, request_deserializer=pb.PrefillRequest.FromString, response_serializer=None)}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    server, channel, _ = serve_prefill_stream(prefill_stream, max_workers=2)
     streams = StreamPool()
     try:
         pool = KVPool(KVLayout(layers, 8, bs, 2, 8, torch.bfloat16))
         connector = DecodeConnector([], PDPolicy())
-        peer = SimpleNamespace(start_transfer=lambda m, owner, fresh: streams.acquire(channel, m, owner, fresh),
-                               end_transfer=streams.release, local_pool=None, transport="grpc", address="test")
+        peer = stream_peer(streams, channel)
         for block_ids in ([6, 1, 3], [0, 2, 7], [5, 4, 1]):
             pool.data.zero_()
             connector.register_kv_pool(pool, {"req-0": block_ids})

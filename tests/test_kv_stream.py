@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent import futures
-from types import SimpleNamespace
-
 import grpc
 import pytest
 
+from grpc_utils import serve_prefill_stream, stream_peer
 from pd._generated import prefill_pb2 as pb
 from pd.decode.kv_stream import MAX_IDLE_STREAMS, Deadlines, StreamPool
 
@@ -30,13 +28,7 @@ def server():
         for request in requests:
             yield _done(len(request.token_ids))
 
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_IDLE_STREAMS + 4))
-    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pd.v1.PrefillService", {
-        "PrefillStream": grpc.stream_stream_rpc_method_handler(
-            prefill_stream, request_deserializer=pb.PrefillRequest.FromString, response_serializer=None)}),))
-    port = srv.add_insecure_port("127.0.0.1:0")
-    srv.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    srv, channel, port = serve_prefill_stream(prefill_stream, MAX_IDLE_STREAMS + 4)
     yield channel, state, port
     channel.close()
     srv.stop(None)
@@ -148,16 +140,9 @@ def test_a_kept_open_call_that_died_while_idle_is_retried_once_on_a_new_call():
         yield pb.PrefillMessage(done=pb.PrefillDone(first_token_id=7, num_tokens=len(request.token_ids))
                                 ).SerializeToString()
 
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pd.v1.PrefillService", {
-        "PrefillStream": grpc.stream_stream_rpc_method_handler(
-            one_answer_per_call, request_deserializer=pb.PrefillRequest.FromString, response_serializer=None)}),))
-    port = srv.add_insecure_port("127.0.0.1:0")
-    srv.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    srv, channel, _ = serve_prefill_stream(one_answer_per_call)
     pool = StreamPool()
-    peer = SimpleNamespace(start_transfer=lambda m, owner, fresh: pool.acquire(channel, m, owner, fresh),
-                           end_transfer=pool.release, local_pool=None, transport="grpc", address="test")
+    peer = stream_peer(pool, channel)
     connector = DecodeConnector([], PDPolicy(first_chunk_timeout_s=5, transfer_timeout_s=5))
     connector.register_kv_pool(KVPool(KVLayout(1, 4, 16, 1, 8, torch.float32)), {})
 

@@ -157,8 +157,7 @@ def _fields(buf: memoryview):
         yield number, kind, value
 
 
-_VARINT_FIELDS = {1: 0, 2: 1, 3: 2}  # layer, start, num_tokens: their slot in KVChunkView
-_WIRE_TYPES = {1: 0, 2: 0, 3: 0, 4: 2, 5: 2, 6: 2, 7: 5, 8: 5}
+_WIRE_TYPES = {1: 0, 2: 0, 3: 0, 4: 2, 5: 2, 6: 2, 7: 5, 8: 5}  # KVChunk field number: wire type
 
 
 def _chunk_view(buf: memoryview) -> KVChunkView:
@@ -170,8 +169,8 @@ def _chunk_view(buf: memoryview) -> KVChunkView:
         if kind != expected:
             name = KVChunkView._fields[number - 1]
             raise ValueError(f"corrupt KV message: field {name} has wire type {kind}")
-        if kind == 0:
-            ints[_VARINT_FIELDS[number]] = value
+        if kind == 0:  # layer, start, num_tokens: fields 1-3
+            ints[number - 1] = value
         elif number == 5:
             k = value
         elif number == 6:
